@@ -1,0 +1,142 @@
+"""The `duplex-chat` command line: parses flags into settings and hands off to one module per command.
+
+This is the edge where `DuplexError` becomes one clean line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from duplex_chat.config import DuplexError, Settings, load_settings
+
+app = typer.Typer(
+    name="duplex-chat",
+    help="Full-duplex voice chat with Qwen3-Omni on your own NVIDIA GPU.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+# Typer options shared by every command that loads the model. Each maps to one config key.
+ConfigOpt = typer.Option(None, "--config", help="A TOML file laid out like config/default.toml.")
+ModelOpt = typer.Option(None, "--model", help="Hub id or local checkpoint directory [qwen.model_id].")
+DtypeOpt = typer.Option(None, "--dtype", help="float16, bfloat16, float32 or auto [qwen.torch_dtype].")
+DeviceMapOpt = typer.Option(None, "--device-map", help="cuda, cuda:N, cpu or auto [qwen.device_map].")
+Int8Opt = typer.Option(None, "--load-in-8bit/--no-load-in-8bit", help="8-bit weights [qwen.load_in_8bit].")
+VoiceOpt = typer.Option(None, "--voice", help="Ethan, Chelsie or Aiden [qwen.voice].")
+SystemOpt = typer.Option(None, "--system-prompt", help="The assistant's instructions [qwen.system_prompt].")
+GreedyOpt = typer.Option(None, "--greedy/--sample", help="Deterministic decoding [qwen.greedy].")
+JsonOpt = typer.Option(False, "--json", help="One JSON object per line instead of the terminal view.")
+
+
+def settings_from(config: Optional[Path], **flags: Any) -> Settings:
+    """Settings from all layers; `flags` maps "section.key" to a flag's value (None = not given)."""
+    return load_settings(config_file=config, overrides={k: v for k, v in flags.items() if v is not None})
+
+
+def model_flags(model, dtype, device_map, int8, voice=None, system_prompt=None, greedy=None) -> dict:
+    return {
+        "qwen.model_id": model,
+        "qwen.torch_dtype": dtype,
+        "qwen.device_map": device_map,
+        "qwen.load_in_8bit": int8,
+        "qwen.voice": voice,
+        "qwen.system_prompt": system_prompt,
+        "qwen.greedy": greedy,
+    }
+
+
+@app.command()
+def check(
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    load_in_8bit: Optional[bool] = Int8Opt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Can this machine run duplex-chat? Lists what is ready and what to fix."""
+    from .check import run_check
+
+    settings = settings_from(config, **model_flags(model, dtype, device_map, load_in_8bit))
+    raise typer.Exit(run_check(settings, json_out=json_out))
+
+
+@app.command()
+def replay(
+    file: Path = typer.Argument(..., help="A recorded conversation (wav, flac or ogg)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write a stereo wav: input left, reply right."),
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    load_in_8bit: Optional[bool] = Int8Opt,
+    voice: Optional[str] = VoiceOpt,
+    system_prompt: Optional[str] = SystemOpt,
+    greedy: Optional[bool] = GreedyOpt,
+    stock: bool = typer.Option(False, "--stock", help="Use stock generate() instead of the engine."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Play a recorded conversation in as if spoken; print, time and save the replies."""
+    from .replay import run_replay
+
+    flags = model_flags(model, dtype, device_map, load_in_8bit, voice, system_prompt, greedy)
+    settings = settings_from(config, **flags)
+    raise typer.Exit(run_replay(settings, file, out=out, stock=stock, json_out=json_out))
+
+
+@app.command()
+def talk(
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    load_in_8bit: Optional[bool] = Int8Opt,
+    voice: Optional[str] = VoiceOpt,
+    system_prompt: Optional[str] = SystemOpt,
+    greedy: Optional[bool] = GreedyOpt,
+    input_device: Optional[str] = typer.Option(None, "--input-device", help="Index or name part."),
+    output_device: Optional[str] = typer.Option(None, "--output-device", help="Index or name part."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="Show audio devices and exit."),
+    headphones: bool = typer.Option(False, "--headphones", help="No echo cancellation needed."),
+    no_barge_in: bool = typer.Option(False, "--no-barge-in", help="Never interrupt the reply."),
+    record: Optional[Path] = typer.Option(None, "--record", help="Save audio and events to DIR."),
+    plain: Optional[bool] = typer.Option(None, "--plain/--live", help="Line output [ui.plain]."),
+) -> None:
+    """Talk with the model through your microphone and speaker."""
+    from .talk import run_talk
+
+    flags = model_flags(model, dtype, device_map, load_in_8bit, voice, system_prompt, greedy)
+    flags.update({
+        "audio.input_device": input_device,
+        "audio.output_device": output_device,
+        "audio.echo_cancellation": False if headphones else None,
+        "audio.barge_in": False if no_barge_in else None,
+        "ui.record_dir": str(record) if record is not None else None,
+        "ui.plain": plain,
+    })
+    settings = settings_from(config, **flags)
+    raise typer.Exit(run_talk(settings, list_devices_only=list_devices))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning `DuplexError` into one line and an exit code.
+
+    Typer's standalone mode already turns usage errors into a message and exit code 2.
+    """
+    try:
+        app(args=argv, prog_name="duplex-chat")
+    except DuplexError as exc:
+        print(f"duplex-chat: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("duplex-chat: stopped.", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

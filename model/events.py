@@ -1,0 +1,86 @@
+"""Typed events from the engine to whoever shows or plays them.
+
+The engine knows nothing about terminals; a view, a recorder or `replay` only consumes these.
+Interruption is an event like any other. Audio is float32 mono at `OUTPUT_SAMPLE_RATE` (24 kHz).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    """The assistant starts replying to user turn `turn` (0-based)."""
+
+    turn: int
+    user_audio_s: float  # length of the user's turn, seconds
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New reply text, decoded from `token_ids` (the text may be empty for partial characters)."""
+
+    turn: int
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class AudioPacket:
+    """A piece of the reply's waveform.
+
+    samples: (n,) float32 in [-1, 1] at 24 kHz. `start_sample` is its offset from the start of
+    this reply's audio, so packets tile the reply with no gap or overlap.
+    """
+
+    turn: int
+    samples: np.ndarray
+    start_sample: int
+    frames: int  # codec frames (80 ms each) this packet covers
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Per-stage timings of one reply, in milliseconds (wall clock, after device sync).
+
+    Keys used by the engine: `encode_tail`, `prefill`, `first_token`, `first_frame`,
+    `first_packet` (end of turn -> first packet ready), `thinker_ms_per_token`,
+    `talker_ms_per_frame`, `vocoder_ms_per_frame`, `listen_ms` (GPU time spent while listening).
+    """
+
+    turn: int
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TurnFinished:
+    """The reply is complete: all its text and audio have been emitted."""
+
+    turn: int
+    text: str
+    token_ids: tuple[int, ...]
+    audio_samples: int
+    reason: str  # "eos" or "max_tokens"
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The reply was cancelled; history keeps only `heard_text` (what was played)."""
+
+    turn: int
+    heard_samples: int
+    heard_text: str
+
+
+@dataclass(frozen=True)
+class HistoryTrimmed:
+    """The oldest turns were dropped so the next turn fits the context."""
+
+    dropped_turns: int
+    kept_tokens: int
+
+
+Event = TurnStarted | TextDelta | AudioPacket | StageTimings | TurnFinished | Interrupted | HistoryTrimmed
