@@ -1,1 +1,15 @@
-"""placeholder"""
+"""Audio for duplex-chat: files, devices, resampling, features, voice activity, echo.
+
+Modules (import them directly; this package imports nothing heavy on its own):
+  constants  rates and sizes with units: 16 kHz in, 24 kHz out, 12.5 codec frames/s, 512-sample
+             VAD windows, Whisper-style mel parameters.
+  files      read any WAV/FLAC/OGG/MP3 (any rate, channels, sample format) as 16 kHz mono float32,
+             whole (`read_audio`) or block by block (`iter_audio_blocks`); `audio_info`; `write_wav`.
+  resample   `StreamResampler`: soxr's streaming resampler for chunked audio (files, mic, speaker).
+  vad        `SileroVad` probabilities, the streaming `VoiceActivity` turn detector, and offline
+             `find_turns` for replay.
+  devices, stream, features, echo  sound devices, live streams, log-mel features, echo cancelling.
+
+Everything here works on NumPy float32 arrays in [-1, 1]; sample indices count 16 kHz samples.
+This package never imports `duplex_chat.model` or `duplex_chat.cli`.
+"""

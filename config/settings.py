@@ -61,6 +61,8 @@ class QwenSettings:
     first_packet_frames: int = field(metadata=_range(1, 2))
     packet_frames: int = field(metadata=_range(1, 25))
     max_reply_tokens: int = field(metadata=_range(1, 8192))
+    max_context_tokens: int = field(metadata=_range(2048, 65536))
+    max_reply_seconds: float = field(metadata=_range(0.08, 600.0))
     greedy: bool = field(metadata={})
     thinker_temperature: float = field(metadata=_range(0.0, 5.0))
     thinker_top_p: float = field(metadata=_range(0.0, 1.0))
@@ -122,11 +124,13 @@ def load_settings(
     config_file: str | Path | None = None,
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> Settings:
     """Build the settings from all layers.
 
     `overrides` maps "section.key" to a value given on the command line (already typed or as a
-    string); `environ` defaults to `os.environ`.
+    string); `flag_names` maps the same keys to the flag the user typed, for messages;
+    `environ` defaults to `os.environ`.
     """
     raw: dict[str, tuple[Any, str]] = {}
     defaults = tomllib.loads(default_config_text())
@@ -138,7 +142,8 @@ def load_settings(
         if value is None:
             continue
         _check_key(dotted, "command line")
-        raw[dotted] = (value, f"flag {_flag_name(dotted)}")
+        flag = (flag_names or {}).get(dotted) or _flag_name(dotted)
+        raw[dotted] = (value, f"flag {flag}")
     return _build(raw)
 
 
@@ -213,6 +218,8 @@ def _validate(dotted: str, value: Any, origin: str, f: dataclasses.Field) -> Any
                                                    "str": str}[str(f.type)]
     typed = _coerce(value, kind)
     meta = f.metadata
+    if isinstance(typed, str) and "choices" in meta:  # "ethan" means Ethan
+        typed = next((c for c in meta["choices"] if str(c).lower() == typed.lower()), typed)
     problem = None
     if typed is None:
         problem = f"must be {_kind_word(kind)}"

@@ -33,9 +33,20 @@ GreedyOpt = typer.Option(None, "--greedy/--sample", help="Deterministic decoding
 JsonOpt = typer.Option(False, "--json", help="One JSON object per line instead of the terminal view.")
 
 
+# Config keys whose flag is not simply --<key>, so messages name what the user typed.
+FLAG_NAMES = {
+    "qwen.model_id": "--model",
+    "qwen.torch_dtype": "--dtype",
+    "audio.echo_cancellation": "--headphones",
+    "audio.barge_in": "--no-barge-in",
+    "ui.record_dir": "--record",
+}
+
+
 def settings_from(config: Optional[Path], **flags: Any) -> Settings:
     """Settings from all layers; `flags` maps "section.key" to a flag's value (None = not given)."""
-    return load_settings(config_file=config, overrides={k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    return load_settings(config_file=config, overrides=given, flag_names=FLAG_NAMES)
 
 
 def model_flags(model, dtype, device_map, int8, voice=None, system_prompt=None, greedy=None) -> dict:

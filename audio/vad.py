@@ -1,0 +1,273 @@
+"""Voice activity: Silero VAD probabilities turned into speech-start / speech-end events.
+
+`SileroVad` gives the speech probability of one 32 ms window. `VoiceActivity` is a streaming
+state machine over any chunking of 16 kHz audio (live microphone or a file read block by block);
+`find_turns` runs it over a whole file for `replay`. All sample indices count 16 kHz samples
+from the first sample fed (for a file: from its start).
+
+Rules (settings from `[vad]`): speech starts at the first window whose probability reaches
+`threshold`, and is reported once the probability has stayed at or above `neg_threshold` for
+`min_speech_ms` (shorter blips are dropped). Silence starts at the first window under
+`neg_threshold` (a window at or above `threshold` cancels it); the turn ends, at that silence
+start, once the silence has lasted `end_of_turn_ms`. The turn's audio begins `pre_roll_ms` before
+the onset, but never before the previous turn's end nor before sample 0.
+"""
+
+from __future__ import annotations
+
+import enum
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+
+from duplex_chat.config import DuplexError, VadSettings
+
+from .constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES, ms_to_samples
+
+REINSTALL_HINT = "Reinstall it with `pip install --force-reinstall silero-vad`."
+
+
+class SileroVad:
+    """Silero VAD (the TorchScript model bundled with the silero-vad package, loaded offline).
+
+    Stateful: each call continues from the previous window; call `reset()` between streams.
+    Raises DuplexError when the package or its model cannot be loaded.
+    """
+
+    def __init__(self) -> None:
+        load_silero_vad = _import_silero()
+        try:
+            with warnings.catch_warnings():  # its use of importlib.resources.path and jit.load
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self._model = load_silero_vad()
+        except Exception as exc:  # any failure here means a broken install, not a bug of ours
+            raise DuplexError(
+                f"Could not load the Silero VAD model bundled with silero-vad ({exc}).",
+                hint=REINSTALL_HINT,
+            ) from None
+        self.reset()
+
+    def prob(self, window: np.ndarray) -> float:
+        """Speech probability in [0, 1] of one window: float32 array of shape (512,) at 16 kHz."""
+        if window.shape != (VAD_WINDOW_SAMPLES,):
+            raise ValueError(
+                f"VAD window must have shape ({VAD_WINDOW_SAMPLES},), got {window.shape}"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(window, dtype=np.float32))
+        # One thread: the model is far too small to gain from more, and on a loaded 2-core
+        # machine two OpenMP threads made each window 10-100x slower (measured: 0.6 ms vs 6-86 ms).
+        # The setting is per calling thread (OpenMP backend) and costs about a microsecond.
+        # no_grad, not inference_mode: the TorchScript model keeps its state tensors across calls.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                return float(self._model(tensor, SAMPLE_RATE).item())
+        finally:
+            torch.set_num_threads(threads)
+
+    def reset(self) -> None:
+        """Forget the recurrent state and audio context (start of a new stream)."""
+        self._model.reset_states()
+
+
+def _import_silero():
+    """Import silero_vad, undoing the torch.set_num_threads(1) that its import does."""
+    threads = torch.get_num_threads()
+    try:
+        from silero_vad import load_silero_vad
+    except ImportError as exc:
+        raise DuplexError(f"The silero-vad package cannot be imported ({exc}).",
+                          hint=REINSTALL_HINT) from None
+    finally:
+        torch.set_num_threads(threads)
+    return load_silero_vad
+
+
+class SpeechProbability(Protocol):
+    """What `VoiceActivity` needs from a VAD model (`SileroVad`, or a stand-in in tests)."""
+
+    def prob(self, window: np.ndarray) -> float: ...
+
+    def reset(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """Speech was confirmed; `sample_index` is its onset, `audio_start_index` onset − pre-roll."""
+
+    sample_index: int
+    audio_start_index: int
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    """The turn ended; `sample_index` is where its final silence began (exclusive end)."""
+
+    sample_index: int
+
+
+VadEvent = SpeechStarted | SpeechEnded
+
+
+class _State(enum.Enum):
+    SILENCE = "silence"
+    CANDIDATE = "candidate"  # above threshold, not yet min_speech_ms long
+    SPEECH = "speech"
+
+
+class VoiceActivity:
+    """Streaming speech detector: `feed` 16 kHz float32 samples in chunks of any size, get events.
+
+    Works on whole 512-sample windows; up to 511 samples wait for the next `feed`, so an event
+    can come up to one window (32 ms) after the chunk that completes it.
+    """
+
+    def __init__(self, settings: VadSettings, vad: SpeechProbability | None = None):
+        self.settings = settings
+        self.vad = vad if vad is not None else SileroVad()
+        self._min_speech = ms_to_samples(settings.min_speech_ms)
+        self._end_of_turn = ms_to_samples(settings.end_of_turn_ms)
+        self._pre_roll = ms_to_samples(settings.pre_roll_ms)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: sample indices restart at 0 and the model forgets its state."""
+        self.vad.reset()
+        self._carry = np.zeros(0, np.float32)  # < 512 samples waiting for a full window
+        self._next_window = 0  # sample index where the next window starts
+        self._state = _State.SILENCE
+        self._onset = 0
+        self._silence_start: int | None = None
+        self._last_end = 0  # previous turn's end: the pre-roll never reaches before it
+        self.last_prob = 0.0
+
+    @property
+    def in_speech(self) -> bool:
+        """True between a SpeechStarted and its SpeechEnded."""
+        return self._state is _State.SPEECH
+
+    @property
+    def samples_fed(self) -> int:
+        """All samples fed since the last reset (including those waiting for a full window)."""
+        return self._next_window + len(self._carry)
+
+    def feed(self, samples: np.ndarray) -> list[VadEvent]:
+        """Take the next chunk, shape (n,) float in [-1, 1] at 16 kHz; return the events it
+        completed, in order."""
+        data = np.asarray(samples)
+        if data.dtype.kind not in "f" or data.ndim != 1:
+            raise ValueError(f"VAD input must be float samples of shape (n,), got "
+                             f"{data.dtype} {data.shape}")
+        data = np.concatenate([self._carry, data.astype(np.float32, copy=False)])
+        n_windows = len(data) // VAD_WINDOW_SAMPLES
+        events = []
+        for i in range(n_windows):
+            window = data[i * VAD_WINDOW_SAMPLES : (i + 1) * VAD_WINDOW_SAMPLES]
+            self.last_prob = self.vad.prob(window)
+            event = self._step(self.last_prob, self._next_window)
+            self._next_window += VAD_WINDOW_SAMPLES
+            if event is not None:
+                events.append(event)
+        self._carry = data[n_windows * VAD_WINDOW_SAMPLES :].copy()
+        return events
+
+    def finish(self) -> list[VadEvent]:
+        """End of stream: close an open turn at its silence start, or at the last sample fed."""
+        events: list[VadEvent] = []
+        if self._state is _State.SPEECH:
+            end = self._silence_start if self._silence_start is not None else self.samples_fed
+            events.append(self._end_turn(end))
+        self._state = _State.SILENCE
+        return events
+
+    def _step(self, p: float, start: int) -> VadEvent | None:
+        """Advance by one window starting at sample `start` with speech probability `p`."""
+        s = self.settings
+        if self._state is _State.SILENCE and p >= s.threshold:
+            self._state, self._onset = _State.CANDIDATE, start
+        elif self._state is _State.CANDIDATE and p < s.neg_threshold:
+            self._state = _State.SILENCE  # a blip shorter than min_speech_ms
+        if self._state is _State.CANDIDATE:
+            if start + VAD_WINDOW_SAMPLES - self._onset < self._min_speech:
+                return None
+            self._state, self._silence_start = _State.SPEECH, None
+            audio_start = max(self._onset - self._pre_roll, self._last_end, 0)
+            return SpeechStarted(self._onset, audio_start)
+        if self._state is _State.SPEECH:
+            return self._speech_step(p, start)
+        return None
+
+    def _speech_step(self, p: float, start: int) -> VadEvent | None:
+        if p >= self.settings.threshold:
+            self._silence_start = None
+        elif p < self.settings.neg_threshold and self._silence_start is None:
+            self._silence_start = start
+        if self._silence_start is None:
+            return None
+        if start + VAD_WINDOW_SAMPLES - self._silence_start >= self._end_of_turn:
+            return self._end_turn(self._silence_start)
+        return None
+
+    def _end_turn(self, end: int) -> SpeechEnded:
+        self._state, self._last_end, self._silence_start = _State.SILENCE, end, None
+        return SpeechEnded(end)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One user turn on a file's 16 kHz timeline; samples [start_sample, end_sample)."""
+
+    start_sample: int  # onset minus pre-roll (clipped at 0 and at the previous turn's end)
+    end_sample: int  # where the silence after the speech began
+    onset_sample: int  # where the speech itself began
+
+    @property
+    def start_s(self) -> float:
+        return self.start_sample / SAMPLE_RATE
+
+    @property
+    def end_s(self) -> float:
+        return self.end_sample / SAMPLE_RATE
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_sample - self.start_sample) / SAMPLE_RATE
+
+
+def find_turns(
+    blocks: Iterable[np.ndarray],
+    vad_settings: VadSettings,
+    progress: Callable[[float], None] | None = None,
+    vad: SpeechProbability | None = None,
+) -> list[Turn]:
+    """Find the user turns in a stream of 16 kHz mono float32 blocks (e.g. `iter_audio_blocks`).
+
+    Holds one block at a time. `progress(seconds_done)` is called after each block. `vad`
+    defaults to a fresh `SileroVad`.
+    """
+    activity = VoiceActivity(vad_settings, vad)
+    turns: list[Turn] = []
+    started: SpeechStarted | None = None
+    done = 0
+
+    def take(events: list[VadEvent]) -> None:
+        nonlocal started
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                started = event
+            elif started is not None:
+                turns.append(Turn(started.audio_start_index, event.sample_index,
+                                  started.sample_index))
+                started = None
+
+    for block in blocks:
+        take(activity.feed(block))
+        done += len(block)
+        if progress is not None:
+            progress(done / SAMPLE_RATE)
+    take(activity.finish())
+    return turns

@@ -1,0 +1,107 @@
+"""Session recording for `talk --record DIR`: both sides' audio and a JSONL log, written as they happen.
+
+Files in DIR (one set per session, named by its start time):
+  <stamp>-mic.wav        what the microphone heard, 16 kHz mono float (before echo cancellation)
+  <stamp>-assistant.wav  what the speaker played, 24 kHz mono float (silence included, so both
+                         files share one timeline from the session start)
+  <stamp>-events.jsonl   one JSON object per line: {"t": seconds since start, "type": ..., ...}
+
+Audio is appended as it arrives and flushed at least every `FLUSH_INTERVAL_S`; every log line is
+flushed at once, so a crash or an unplugged device leaves readable files behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
+from duplex_chat.config import DuplexError
+from duplex_chat.model.events import AudioPacket
+
+FLUSH_INTERVAL_S = 1.0  # audio files are flushed at least this often
+
+
+def event_record(event: Any) -> dict:
+    """An engine event as a JSON-able dict: its type and fields; audio becomes its length."""
+    record: dict[str, Any] = {"type": type(event).__name__}
+    for f in dataclasses.fields(event):
+        value = getattr(event, f.name)
+        if isinstance(value, np.ndarray):
+            record["samples"] = int(len(value))
+        elif isinstance(value, tuple):
+            record[f.name] = list(value)
+        else:
+            record[f.name] = value
+    return record
+
+
+class SessionRecorder:
+    """Writes one session's audio and events into `directory` (created if needed)."""
+
+    def __init__(self, directory: str | Path, clock=time.monotonic):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DuplexError(f"Cannot create the recording directory {self.directory}: {exc}.") from None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.mic_path = self.directory / f"{stamp}-mic.wav"
+        self.assistant_path = self.directory / f"{stamp}-assistant.wav"
+        self.events_path = self.directory / f"{stamp}-events.jsonl"
+        self._clock = clock
+        self._t0 = clock()
+        self._mic = sf.SoundFile(self.mic_path, "w", SAMPLE_RATE, 1, subtype="FLOAT")
+        self._assistant = sf.SoundFile(self.assistant_path, "w", OUTPUT_SAMPLE_RATE, 1, subtype="FLOAT")
+        self._log = self.events_path.open("a", encoding="utf-8")
+        self._last_flush = self._t0
+        self.closed = False
+
+    def audio(self, mic_16k: np.ndarray, played_24k: np.ndarray) -> None:
+        """Append the latest microphone (16 kHz) and played (24 kHz) samples, each (n,) float32."""
+        if self.closed:
+            return
+        if len(mic_16k):
+            self._mic.write(np.asarray(mic_16k, np.float32))
+        if len(played_24k):
+            self._assistant.write(np.asarray(played_24k, np.float32))
+        if self._clock() - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def event(self, event: Any) -> None:
+        """Log an engine event (AudioPacket logged without its samples)."""
+        if isinstance(event, AudioPacket):
+            self.note("AudioPacket", turn=event.turn, start_sample=event.start_sample,
+                      samples=int(len(event.samples)), frames=event.frames)
+            return
+        record = event_record(event)
+        self.note(record.pop("type"), **record)
+
+    def note(self, kind: str, **fields: Any) -> None:
+        """Log a session event of type `kind` (speech started, barge-in, latency, error...)."""
+        if self.closed:
+            return
+        line = {"t": round(self._clock() - self._t0, 4), "type": kind, **fields}
+        self._log.write(json.dumps(line, default=str) + "\n")
+        self._log.flush()
+
+    def flush(self) -> None:
+        self._mic.flush()
+        self._assistant.flush()
+        self._log.flush()
+        self._last_flush = self._clock()
+
+    def close(self) -> None:
+        """Flush and close everything (idempotent)."""
+        if self.closed:
+            return
+        self.note("session_closed")
+        self.closed = True
+        for handle in (self._mic, self._assistant, self._log):
+            handle.close()

@@ -1,0 +1,473 @@
+"""The streaming duplex engine: listen while the user speaks, speak from the first frames.
+
+    listening   chunk -> mel -> finished window? -> encode -> prefill thinker (+ talker user part)
+    end of turn encode tail -> prefill <|audio_end|><|im_end|>\\n<|im_start|>assistant\\n
+    speaking    thinker token -> talker frame (code 0) -> code predictor (codes 1-15)
+                -> streaming vocoder -> audio packets, the first after 1-2 frames
+
+One `StreamingConversation` owns a conversation's whole state (caches, positions, history) and
+produces exactly what `generate()` would for the same history: same text ids, same codec codes,
+same waveform (see tests/test_engine_fidelity.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from duplex_chat.config import DuplexError, Settings
+
+from .events import (
+    AudioPacket,
+    Event,
+    HistoryTrimmed,
+    Interrupted,
+    StageTimings,
+    TextDelta,
+    TurnFinished,
+    TurnStarted,
+)
+from .listener import Listener
+from .loading import ModelBundle, load_model
+from .prompt import ChatTokens
+from .sampling import Sampler, SamplingSettings
+from .streams import TalkerStream, ThinkerStream
+from .vocoder import StreamingVocoder
+
+SAMPLE_RATE = 16_000  # Hz, user audio
+OUTPUT_SAMPLE_RATE = 24_000  # Hz, reply audio
+FRAME_HZ = 12.5  # codec frames per second of speech
+PREDICTOR_TOP_K, PREDICTOR_TOP_P = 50, 0.8  # what generate() gives the code predictor when sampling
+
+
+@dataclass
+class _Turn:
+    """One exchange as the history keeps it: what the user said and what they heard back."""
+
+    audio: torch.Tensor  # (tokens, d_thinker) audio embeddings of the user's turn
+    reply_ids: list[int] = field(default_factory=list)  # reply text ids, no end token
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so host clocks measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class StreamingConversation:
+    """A conversation with explicit lifecycle: feed, end_turn (streams events), cancel, reset.
+
+    Implements `protocol.Conversation`. Not thread-safe except `cancel`.
+    """
+
+    def __init__(self, bundle: ModelBundle, settings: Settings, seed: int | None = None):
+        self.bundle = bundle
+        self.q = settings.qwen
+        model = bundle.model
+        self.config = model.config
+        self.device = bundle.device
+        self.tokens = ChatTokens.from_model(self.config, bundle.tokenizer)
+        self.tokenizer = bundle.tokenizer
+        self.thinker = ThinkerStream(model.thinker)
+        self.talker = TalkerStream(model.talker)
+        self.listener = Listener(model.thinker, self.q.encoder_window_s)
+        self.vocoder = StreamingVocoder(model.code2wav)
+        self.accept_layer = self.config.talker_config.accept_hidden_layer
+        self.speaker_id = self._speaker_id(self.q.voice)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+        self._samplers(generator)
+        self._cancel = threading.Event()
+        self._heard_samples = 0
+        self.max_context = self.q.max_context_tokens
+        self.max_frames = max(1, int(self.q.max_reply_seconds * FRAME_HZ))
+        with torch.inference_mode():
+            self._tts_embeds()
+            self.reset()
+
+    # ----- lifecycle -------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the conversation; keep the system prompt."""
+        self.thinker.reset()
+        self.talker.reset()
+        self.listener.reset()
+        self.turns: list[_Turn] = []
+        self.turn_index = 0
+        self._open_audio: list[torch.Tensor] = []
+        self._turn_open = False
+        self._cancel.clear()
+        with torch.inference_mode():
+            self._prefill_text(self.tokens.system_ids(self.tokenizer, self.q.system_prompt), user=False)
+
+    def feed(self, samples: np.ndarray) -> None:
+        """Hear more of the user's turn: (n,) float32 at 16 kHz, any n."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        with torch.inference_mode():
+            if not self._turn_open:
+                self._open_turn()
+            audio = self.listener.feed(samples)
+            if audio is not None:
+                self._prefill_audio(audio)
+
+    def discard_turn(self) -> None:
+        """Forget audio fed since the last reply (a false start)."""
+        if self._turn_open:
+            self.thinker.crop(self._turn_start_thinker)
+            self.talker.crop(self._turn_start_talker)
+            self.talker.user_length = self.talker.length
+            self.listener.reset()
+            self._open_audio = []
+            self._turn_open = False
+
+    def cancel(self, heard_samples: int) -> None:
+        """Barge-in, from any thread: stop within one decode step; `heard_samples` were played."""
+        self._heard_samples = max(0, int(heard_samples))
+        self._cancel.set()
+
+    def end_turn(self) -> Iterator[Event]:
+        """The user stopped talking: stream the reply as events."""
+        with torch.inference_mode():
+            yield from self._reply()
+
+    @property
+    def last_codes(self) -> torch.Tensor:
+        """(16, frames) codec codes of the latest reply (for tests and inspection)."""
+        return torch.stack(self._last_audio.all_codes, dim=1)
+
+    # ----- listening ---------------------------------------------------------------------------
+
+    def _open_turn(self) -> None:
+        events = self._fit_context()
+        self._pending_events = events
+        self._turn_start_thinker = self.thinker.length
+        self._turn_start_talker = self.talker.length
+        self.listener.reset()
+        self._open_audio = []
+        self._turn_open = True
+        self._listen_seconds = 0.0
+        self._prefill_text(self.tokens.user_head(), user=True)
+
+    def _prefill_audio(self, audio: torch.Tensor) -> None:
+        """audio: (tokens, d) finished encoder output, prefilled into thinker and talker."""
+        start = time.perf_counter()
+        self._open_audio.append(audio)
+        _, hidden = self.thinker.prefill(audio, hidden_layer=self.accept_layer)
+        self.talker.extend_user(self.talker.project_hidden(hidden))
+        sync(self.device)
+        self._listen_seconds += time.perf_counter() - start
+
+    def _prefill_text(self, ids: list[int], user: bool) -> torch.Tensor | None:
+        """Prefill text ids into the thinker (and the talker's user part if `user`)."""
+        if not ids:
+            return None
+        embeds = self.thinker.embed(ids)
+        logits, _ = self.thinker.prefill(embeds)
+        if user:
+            self.talker.extend_user(self.talker.project_text(embeds))
+        return logits
+
+    # ----- speaking ----------------------------------------------------------------------------
+
+    def _reply(self) -> Iterator[Event]:
+        self._cancel.clear()
+        clock = _Clock(self.device)
+        if not self._turn_open:
+            self._open_turn()
+        yield from self._pending_events
+        tail = self.listener.finish()
+        if tail is not None:
+            self._open_audio.append(tail)
+            _, hidden = self.thinker.prefill(tail, hidden_layer=self.accept_layer)
+            self.talker.extend_user(self.talker.project_hidden(hidden))
+        clock.mark("encode_tail")
+        audio = torch.cat(self._open_audio) if self._open_audio else self.thinker.embed([])
+        self.turns.append(_Turn(audio=audio))
+        self._turn_open = False
+        user_s = self.listener.mel_frames / 100
+        turn = self.turn_index
+        self.turn_index += 1
+        yield TurnStarted(turn=turn, user_audio_s=user_s)
+        self._prefill_text(self.tokens.user_tail(), user=True)
+        self._reply_start = self.thinker.length
+        logits = self._prefill_text(self.tokens.assistant_head(), user=False)
+        clock.mark("prefill")
+        yield from self._speak(turn, logits, clock)
+
+    def _speak(self, turn: int, logits: torch.Tensor, clock: "_Clock") -> Iterator[Event]:
+        reply = _ReplyState(self.tokens.im_end, self.q.max_reply_tokens, self.tokenizer)
+        token = self.thinker_sampler(logits)
+        yield self._take_token(turn, reply, token)
+        clock.mark("first_token")
+        talker_logits, state = self.talker.start_reply(self._assistant_part(reply.ids[0]))
+        self.vocoder.reset()
+        audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
+        while not self._cancel.is_set():
+            with clock.timed("talker"):
+                code0 = self.talker_sampler(talker_logits, audio.code0_history(self.device))
+                if int(code0) == self.codec_eos or audio.frames >= self.max_frames:
+                    break
+                codes, codec_sum = self.talker.residual_codes(state, code0, self.predictor_sampler)
+            audio.add(codes, code0)
+            clock.mark("first_frame")
+            if audio.packet_due():
+                with clock.timed("vocoder"):
+                    packet = audio.packet(self.vocoder.push)
+                clock.mark("first_packet")
+                yield packet
+            # Talker step j adds reply token j+1: make sure the thinker has written it.
+            while not reply.done and len(reply.ids) <= audio.frames and not self._cancel.is_set():
+                with clock.timed("thinker"):
+                    token = self.thinker_sampler(self.thinker.step(token))
+                yield self._take_token(turn, reply, token)
+            with clock.timed("talker"):
+                text = self._trailing_text(reply, audio.frames - 1)
+                talker_logits, state = self.talker.step(codec_sum + text)
+        if self._cancel.is_set():
+            yield from self._interrupt(turn, reply)
+            return
+        with clock.timed("vocoder"):
+            tail = audio.packet(self.vocoder.push) if audio.pending else None
+            last = audio.tail(self.vocoder.flush())
+        yield from (p for p in (tail, last) if p is not None)
+        yield from self._finish(turn, reply, clock, audio)
+
+    def _finish(self, turn, reply, clock, audio: "_AudioOut") -> Iterator[Event]:
+        kept = reply.text_ids()
+        self._close_reply(kept)
+        clock.summary(len(reply.ids), audio.frames, self._listen_seconds)
+        yield StageTimings(turn, clock.stages)
+        yield TurnFinished(turn, self._decode(kept), tuple(kept), audio.samples,
+                           "eos" if reply.ended_by_eos else "max_tokens")
+
+    def _interrupt(self, turn: int, reply: "_ReplyState") -> Iterator[Event]:
+        heard_frames = -(-self._heard_samples // self.vocoder.samples_per_frame)
+        kept = reply.text_ids()[:heard_frames]
+        self._close_reply(kept)
+        self._cancel.clear()
+        yield Interrupted(turn, self._heard_samples, self._decode(kept))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _close_reply(self, kept: list[int]) -> None:
+        """History keeps `<|im_start|>assistant\\n{kept}<|im_end|>\\n`; the talker forgets the reply."""
+        self.talker.end_reply()
+        content_start = self._reply_start + len(self.tokens.assistant_head())
+        cached = min(len(kept), self.thinker.length - content_start)
+        self.thinker.crop(content_start + cached)
+        self._prefill_text(kept[cached:] + self.tokens.assistant_tail(), user=False)
+        self.turns[-1].reply_ids = list(kept)
+
+    def _take_token(self, turn: int, reply: "_ReplyState", token: torch.Tensor) -> TextDelta:
+        token_id = int(token)  # the one host sync per token; the view needs the text anyway
+        return TextDelta(turn, reply.add(token_id), (token_id,))
+
+    # ----- talker inputs (as generate() builds them) -----------------------------------------
+
+    def _assistant_part(self, first_token: int) -> torch.Tensor:
+        """(9, d_talker): `<|im_start|>assistant\\n` + 4 pads + bos + first token, with codec
+        specials (none, none, none, nothink, think_bos, think_eos, speaker, pad, bos) added."""
+        head = self.talker.project_text(self.thinker.embed(self.tokens.assistant_head()))
+        first = self.talker.project_text(self.thinker.embed([first_token]))
+        text = torch.cat([head, self.tts_pad.expand(4, -1), self.tts_bos, first])
+        tc = self.config.talker_config
+        specials = [tc.codec_nothink_id, tc.codec_think_bos_id, tc.codec_think_eos_id,
+                    self.speaker_id, tc.codec_pad_id, tc.codec_bos_id]
+        codec = self.talker.codec_embed(torch.tensor(specials, device=self.device))
+        codec = torch.cat([codec.new_zeros(3, codec.shape[1]), codec])
+        return text + codec
+
+    def _trailing_text(self, reply: "_ReplyState", step: int) -> torch.Tensor:
+        """Text added at talker step `step`: reply token step+1, then tts_eos, then tts_pad."""
+        index = step + 1
+        if index < len(reply.ids):
+            return self.talker.project_text(self.thinker.embed([reply.ids[index]]))[0]
+        return self.tts_eos[0] if index == len(reply.ids) else self.tts_pad[0]
+
+    def _tts_embeds(self) -> None:
+        c = self.config
+        ids = [c.tts_bos_token_id, c.tts_eos_token_id, c.tts_pad_token_id]
+        projected = self.talker.project_text(self.thinker.embed(ids))
+        self.tts_bos, self.tts_eos, self.tts_pad = projected[0:1], projected[1:2], projected[2:3]
+
+    def _speaker_id(self, voice: str) -> int:
+        speakers = self.config.talker_config.speaker_id
+        if voice.lower() not in speakers:
+            raise DuplexError(f"Unknown voice {voice!r}; this model has "
+                              f"{', '.join(sorted(s.capitalize() for s in speakers))}.")
+        return speakers[voice.lower()]
+
+    def _samplers(self, generator: torch.Generator) -> None:
+        q = self.q
+        tc = self.config.talker_config
+        vocab = tc.text_config.vocab_size
+        self.codec_eos = tc.codec_eos_token_id
+        suppress = torch.tensor([i for i in range(vocab - 1024, vocab) if i != self.codec_eos],
+                                device=self.device)
+        self.thinker_sampler = Sampler(SamplingSettings(
+            q.greedy, q.thinker_temperature, q.thinker_top_k, q.thinker_top_p), generator=generator)
+        self.talker_sampler = Sampler(SamplingSettings(
+            q.greedy, q.talker_temperature, q.talker_top_k, q.talker_top_p,
+            q.talker_repetition_penalty), suppress=suppress, generator=generator)
+        self.predictor_sampler = Sampler(SamplingSettings(
+            q.greedy, 1.0, PREDICTOR_TOP_K, PREDICTOR_TOP_P), generator=generator)
+
+    # ----- long conversations -----------------------------------------------------------------
+
+    def _fit_context(self) -> list[Event]:
+        """Before a new turn: if the context could overflow, drop the oldest turns and re-prefill."""
+        reserve = self.q.max_reply_tokens + self._turn_budget_tokens()
+        if self.thinker.length + reserve <= self.max_context or not self.turns:
+            return []
+        dropped = 0
+        while self.turns and self._history_length(self.turns) + reserve > self.max_context:
+            self.turns.pop(0)
+            dropped += 1
+        self._rebuild()
+        return [HistoryTrimmed(dropped_turns=dropped, kept_tokens=self.thinker.length)]
+
+    def _turn_budget_tokens(self) -> int:
+        """Room kept for the coming user turn: 60 s of audio at 13 tokens per second."""
+        return 60 * 13 + 16
+
+    def _history_length(self, turns: list[_Turn]) -> int:
+        t = self.tokens
+        fixed = len(t.system_ids(self.tokenizer, self.q.system_prompt))
+        per_turn = len(t.user_head()) + len(t.user_tail()) + len(t.assistant_head()) + 2
+        return fixed + sum(per_turn + turn.audio.shape[0] + len(turn.reply_ids) for turn in turns)
+
+    def _rebuild(self) -> None:
+        """Prefill the system prompt and the kept turns again, from stored audio embeddings."""
+        turns = self.turns
+        self.thinker.reset()
+        self.talker.reset()
+        self._prefill_text(self.tokens.system_ids(self.tokenizer, self.q.system_prompt), user=False)
+        for turn in turns:
+            self._prefill_text(self.tokens.user_head(), user=True)
+            if turn.audio.shape[0]:
+                _, hidden = self.thinker.prefill(turn.audio, hidden_layer=self.accept_layer)
+                self.talker.extend_user(self.talker.project_hidden(hidden))
+            self._prefill_text(self.tokens.user_tail(), user=True)
+            ids = self.tokens.assistant_head() + turn.reply_ids + self.tokens.assistant_tail()
+            self._prefill_text(ids, user=False)
+
+
+class _ReplyState:
+    """The reply's text ids as the thinker writes them, and its text decoded incrementally."""
+
+    def __init__(self, eos: int, limit: int, tokenizer):
+        self.eos, self.limit, self.tokenizer = eos, limit, tokenizer
+        self.ids: list[int] = []
+        self.done = self.ended_by_eos = False
+        self._shown = ""
+
+    def add(self, token_id: int) -> str:
+        """Record a token; returns the new text it completes ("" while a character is partial)."""
+        self.ids.append(token_id)
+        if token_id == self.eos:
+            self.done = self.ended_by_eos = True
+        elif len(self.ids) >= self.limit:
+            self.done = True
+        text = self.tokenizer.decode(self.text_ids(), skip_special_tokens=True)
+        if text.endswith("\ufffd") and not self.done:
+            return ""
+        new, self._shown = text[len(self._shown):], text
+        return new
+
+    def text_ids(self) -> list[int]:
+        return self.ids[:-1] if self.ended_by_eos else list(self.ids)
+
+
+class _AudioOut:
+    """Codec frames of the reply waiting for the vocoder, and the packets made of them."""
+
+    def __init__(self, turn: int, first_packet_frames: int, packet_frames: int):
+        self.turn = turn
+        self.first, self.every = first_packet_frames, packet_frames
+        self.pending: list[torch.Tensor] = []  # (16,) codes per frame, not yet voiced
+        self.all_codes: list[torch.Tensor] = []
+        self.code0: list[torch.Tensor] = []
+        self.frames = 0  # frames made so far
+        self.samples = 0  # samples emitted so far
+        self.packets = 0
+
+    def add(self, codes: torch.Tensor, code0: torch.Tensor) -> None:
+        self.pending.append(codes)
+        self.all_codes.append(codes)
+        self.code0.append(code0.view(1))
+        self.frames += 1
+
+    def code0_history(self, device) -> torch.Tensor:
+        """(n,) codebook-0 ids so far: what the talker's repetition penalty looks at."""
+        return torch.cat(self.code0) if self.code0 else torch.empty(0, dtype=torch.long, device=device)
+
+    def packet_due(self) -> bool:
+        return len(self.pending) >= (self.first if self.packets == 0 else self.every)
+
+    def packet(self, push) -> AudioPacket:
+        codes = torch.stack(self.pending, dim=1)  # (16, n)
+        frames, self.pending = len(self.pending), []
+        return self._emit(push(codes), frames)
+
+    def tail(self, samples: torch.Tensor) -> AudioPacket | None:
+        return self._emit(samples, 0) if samples.numel() else None
+
+    def _emit(self, samples: torch.Tensor, frames: int) -> AudioPacket:
+        out = samples.float().cpu().numpy()
+        packet = AudioPacket(self.turn, out, self.samples, frames)
+        self.samples += out.shape[0]
+        self.packets += 1
+        return packet
+
+
+class _Clock:
+    """Stage marks in ms since the end of the user's turn, and time spent per stage (synced)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+        self.spent: dict[str, float] = {"thinker": 0.0, "talker": 0.0, "vocoder": 0.0}
+
+    def mark(self, name: str) -> None:
+        if name not in self.stages:
+            sync(self.device)
+            self.stages[name] = 1000 * (time.perf_counter() - self.start)
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        sync(self.device)
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync(self.device)
+            self.spent[stage] += time.perf_counter() - began
+
+    def summary(self, tokens: int, frames: int, listen_seconds: float) -> None:
+        self.mark("total")
+        self.stages["thinker_ms_per_token"] = 1000 * self.spent["thinker"] / max(1, tokens - 1)
+        self.stages["talker_ms_per_frame"] = 1000 * self.spent["talker"] / max(1, frames)
+        self.stages["vocoder_ms_per_frame"] = 1000 * self.spent["vocoder"] / max(1, frames)
+        self.stages["listen_ms"] = 1000 * listen_seconds
+        self.stages["reply_tokens"] = tokens
+        self.stages["reply_frames"] = frames
+
+
+@contextlib.contextmanager
+def open_conversation(settings: Settings, progress: Callable[[str], None] | None = None,
+                      bundle: ModelBundle | None = None) -> Iterator[StreamingConversation]:
+    """Load the model (unless `bundle` is given) and yield a fresh conversation."""
+    bundle = bundle or load_model(settings.qwen, progress)
+    conversation = StreamingConversation(bundle, settings)
+    try:
+        yield conversation
+    finally:
+        conversation.cancel(0)

@@ -1,0 +1,221 @@
+"""Loading Qwen3-Omni (hub id or local directory) for voice: thinker, talker and code2wav, no vision.
+
+Every way this can fail for a user's reason (wrong path, not a Qwen3-Omni checkpoint, no network and
+no cached copy, no CUDA, not enough GPU memory) becomes a `DuplexError` with what to do next.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from duplex_chat.config import DuplexError, QwenSettings
+
+from .footprint import gpu_bytes, looks_like_path
+
+MODEL_TYPE = "qwen3_omni_moe"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+GIB = 1024**3
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ModelBundle:
+    """A loaded model and what is needed to talk to it. One per session; nothing global."""
+
+    model: Any  # Qwen3OmniMoeForConditionalGeneration, eval mode, vision tower removed
+    tokenizer: Any
+    source: str  # the directory the weights came from
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress is not None:
+        progress(message)
+
+
+def resolve_checkpoint(model_id: str, progress: Progress | None = None) -> Path:
+    """The local directory holding `model_id`: the directory itself, or the hub cache (downloading
+    if the hub is reachable)."""
+    if looks_like_path(model_id):
+        path = Path(model_id).expanduser()
+        if not path.exists():
+            raise DuplexError(f"Model directory {path} does not exist.",
+                              hint="Check qwen.model_id / --model.")
+        if not path.is_dir():
+            raise DuplexError(f"Model path {path} is a file; it must be a checkpoint directory.")
+        check_checkpoint_dir(path)
+        return path
+    return _from_hub(model_id, progress)
+
+
+def check_checkpoint_dir(path: Path) -> dict:
+    """Raise unless `path` holds a Qwen3-Omni config; returns the config as a dict."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise DuplexError(f"{path} is not a Qwen3-Omni checkpoint: it has no config.json.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DuplexError(f"{config_file} is not valid JSON.") from None
+    if config.get("model_type") != MODEL_TYPE:
+        raise DuplexError(
+            f"{path} is not a Qwen3-Omni checkpoint: its model_type is "
+            f"{config.get('model_type')!r}, expected {MODEL_TYPE!r}."
+        )
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise DuplexError(f"{path} has a Qwen3-Omni config but no weight files (*.safetensors).")
+    return config
+
+
+def _from_hub(model_id: str, progress: Progress | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(model_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    _say(progress, f"{model_id} is not in the local cache; downloading (about 70 GB)")
+    try:
+        return Path(snapshot_download(model_id))
+    except RepositoryNotFoundError:
+        raise DuplexError(f"The Hugging Face hub has no model named {model_id}.") from None
+    except Exception as exc:  # connection errors come in many types
+        raise DuplexError(
+            f"Could not download {model_id} ({type(exc).__name__}) and it is not in the local cache.",
+            hint="Copy the checkpoint to this machine and point --model or SCA_QWEN_MODEL_ID at "
+            "its directory.",
+        ) from None
+
+
+def resolve_dtype(name: str, config: dict) -> torch.dtype:
+    if name == "auto":
+        return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.bfloat16)
+    return DTYPES[name]
+
+
+def resolve_device(device_map: str) -> torch.device:
+    """One device for the whole model (`auto` picks the first GPU, or the CPU without one)."""
+    if device_map == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device_map)
+    except RuntimeError:
+        raise DuplexError(f"qwen.device_map {device_map!r} is not a device; use cuda, cuda:N, cpu "
+                          "or auto.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DuplexError(
+                f"CUDA was requested (qwen.device_map = {device_map}) but torch sees no CUDA GPU.",
+                hint="Install a CUDA build of torch and check nvidia-smi, or use --device-map cpu "
+                "(very slow).",
+            )
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DuplexError(f"{device_map} does not exist: torch sees "
+                              f"{torch.cuda.device_count()} GPU(s).")
+    return device
+
+
+def _vision_module_name(config) -> str:
+    """Where the vision tower sits in this transformers version's module tree."""
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    with torch.device("meta"):
+        skeleton = Qwen3OmniMoeForConditionalGeneration(config)
+    for name, module in skeleton.named_modules():
+        if type(module).__name__.endswith("VisionEncoder"):
+            return name
+    raise RuntimeError("no vision encoder found in Qwen3OmniMoeForConditionalGeneration")
+
+
+def _device_map(config, device: torch.device) -> dict[str, str]:
+    """Everything on `device` except the vision tower, which stays on the CPU until it is dropped."""
+    vision = _vision_module_name(config)
+    parts = vision.split(".")
+    mapping: dict[str, str] = {vision: "cpu"}
+    from transformers import Qwen3OmniMoeForConditionalGeneration
+
+    with torch.device("meta"):
+        skeleton = Qwen3OmniMoeForConditionalGeneration(config)
+    # Map every sibling along the path to the vision tower to the target device.
+    for depth in range(len(parts)):
+        parent = skeleton.get_submodule(".".join(parts[:depth])) if depth else skeleton
+        prefix = ".".join(parts[:depth])
+        for child, _ in parent.named_children():
+            if child != parts[depth]:
+                mapping[f"{prefix}.{child}" if prefix else child] = str(device)
+    return mapping
+
+
+def load_model(settings: QwenSettings, progress: Progress | None = None) -> ModelBundle:
+    """Load model and tokenizer as `settings` say. Shows progress through `progress(message)`."""
+    from transformers import AutoTokenizer, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
+
+    started = time.perf_counter()
+    source = resolve_checkpoint(settings.model_id, progress)
+    raw_config = check_checkpoint_dir(source)
+    device = resolve_device(settings.device_map)
+    dtype = resolve_dtype(settings.torch_dtype, raw_config)
+    config = Qwen3OmniMoeConfig.from_pretrained(source)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if settings.load_in_8bit:
+        kwargs["quantization_config"] = _int8_config()
+    if device.type == "cuda":
+        kwargs["device_map"] = _device_map(config, device)
+    _say(progress, f"loading {source.name} ({str(dtype).removeprefix('torch.')}, {device})")
+    try:
+        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(source, config=config, **kwargs)
+    except torch.OutOfMemoryError:
+        raise _oom_error(device, settings, raw_config) from None
+    _drop_vision(model)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    seconds = time.perf_counter() - started
+    _say(progress, f"model ready in {seconds:.1f} s")
+    return ModelBundle(model, tokenizer, str(source), device, dtype, seconds)
+
+
+def _drop_vision(model) -> None:
+    """Voice never uses the vision tower: free it (it was kept on the CPU while loading)."""
+    from accelerate.hooks import remove_hook_from_module
+
+    name = _vision_module_name(model.config)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, child, None)
+    remove_hook_from_module(model, recurse=True)
+
+
+def _int8_config():
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise DuplexError("qwen.load_in_8bit needs the bitsandbytes package.",
+                          hint="pip install 'duplex-chat[int8]'.") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=["code2wav", "lm_head"])
+
+
+def _oom_error(device: torch.device, settings: QwenSettings, config: dict) -> DuplexError:
+    free, total = torch.cuda.mem_get_info(device)
+    need = gpu_bytes(config, settings.torch_dtype, settings.load_in_8bit) / GIB
+    return DuplexError(
+        f"Out of GPU memory while loading: the model needs about {need:.0f} GiB, "
+        f"{device} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB.",
+        hint="Close other GPU programs, try --load-in-8bit, or use a larger GPU.",
+    )

@@ -1,0 +1,155 @@
+"""The stock path: transformers' own `generate()` on a whole conversation, not streaming.
+
+It is the reference the engine is checked against (tests, `bench --verify`) and what
+`replay --stock` uses. It answers only after the whole reply is written and voiced.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from duplex_chat.audio.features import offline_mel
+from duplex_chat.config import QwenSettings
+
+from .engine import sync
+from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, TurnStarted
+from .prompt import ChatTokens, audio_token_count
+
+
+@dataclass
+class ReferenceReply:
+    reply_ids: list[int]  # generated text ids, including the end token if it was produced
+    codes: torch.Tensor | None  # (16, frames) codec codes, None for a text-only reply
+    waveform: torch.Tensor | None  # (samples,) float32 at 24 kHz from generate()
+
+
+def conversation_ids(tokens: ChatTokens, tokenizer, system_prompt: str, mel_lengths: list[int],
+                     replies: list[list[int]]) -> list[int]:
+    """Prompt ids for user turns of `mel_lengths` mel frames, with earlier `replies` in between,
+    ending with the assistant header for the next reply."""
+    assert len(replies) == len(mel_lengths) - 1
+    ids = tokens.system_ids(tokenizer, system_prompt)
+    for i, frames in enumerate(mel_lengths):
+        ids += tokens.user_turn(audio_token_count(frames))
+        if i < len(replies):
+            ids += tokens.assistant_head() + list(replies[i]) + tokens.assistant_tail()
+    return ids + tokens.assistant_head()
+
+
+@contextmanager
+def _capture_codes(model, sink: list):
+    """generate() does not return the talker's codes; catch them on their way to code2wav."""
+    original = model.code2wav.chunked_decode
+
+    def capture(codes, *args, **kwargs):
+        sink.append(codes.detach().clone())
+        return original(codes, *args, **kwargs)
+
+    model.code2wav.chunked_decode = capture
+    try:
+        yield
+    finally:
+        del model.code2wav.chunked_decode  # back to the class's method
+
+
+@torch.inference_mode()
+def reference_reply(bundle, q: QwenSettings, features: list[torch.Tensor],
+                    replies: list[list[int]], max_frames: int = 1500) -> ReferenceReply:
+    """Run `generate()` on a conversation.
+
+    features: one (128, T_i) log-mel tensor per user turn; replies: the text ids of the replies
+    to all but the last turn. Sampling follows `q` (greedy or the per-stage settings).
+    """
+    model, tokenizer = bundle.model, bundle.tokenizer
+    tokens = ChatTokens.from_model(model.config, tokenizer)
+    lengths = [f.shape[1] for f in features]
+    ids = conversation_ids(tokens, tokenizer, q.system_prompt, lengths, replies)
+    device = bundle.device
+    batch = torch.zeros(len(features), features[0].shape[0], max(lengths))
+    mask = torch.zeros(len(features), max(lengths), dtype=torch.long)
+    for i, f in enumerate(features):
+        batch[i, :, : f.shape[1]] = f
+        mask[i, : f.shape[1]] = 1
+    input_ids = torch.tensor([ids], device=device)
+    kwargs = dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        input_features=batch.to(device=device, dtype=bundle.dtype),
+        feature_attention_mask=mask.to(device),
+        speaker=q.voice,
+        thinker_max_new_tokens=q.max_reply_tokens,
+        thinker_do_sample=not q.greedy,
+        talker_do_sample=not q.greedy,
+        talker_max_new_tokens=max_frames + 1,  # the last sampled code never gets its frame
+        talker_repetition_penalty=q.talker_repetition_penalty,
+    )
+    if not q.greedy:
+        kwargs.update(thinker_temperature=q.thinker_temperature, thinker_top_p=q.thinker_top_p,
+                      thinker_top_k=q.thinker_top_k, talker_temperature=q.talker_temperature,
+                      talker_top_p=q.talker_top_p, talker_top_k=q.talker_top_k)
+    captured: list[torch.Tensor] = []
+    with _capture_codes(model, captured):
+        sequences, waveform = model.generate(**kwargs)
+    reply = sequences[0, len(ids):].tolist()
+    codes = captured[0][0] if captured else None
+    return ReferenceReply(reply, codes, waveform.reshape(-1).float() if waveform is not None else None)
+
+
+class StockConversation:
+    """The `Conversation` protocol on top of `generate()`: nothing happens until the turn ends,
+    then the whole reply arrives at once. For `replay --stock` and the benchmark baseline."""
+
+    def __init__(self, bundle, q: QwenSettings):
+        self.bundle, self.q = bundle, q
+        self.reset()
+
+    def reset(self) -> None:
+        self._features: list[torch.Tensor] = []
+        self._replies: list[list[int]] = []
+        self._audio: list[np.ndarray] = []
+        self.turn_index = 0
+
+    def feed(self, samples: np.ndarray) -> None:
+        self._audio.append(np.asarray(samples, dtype=np.float32).reshape(-1))
+
+    def discard_turn(self) -> None:
+        self._audio = []
+
+    def cancel(self, heard_samples: int) -> None:
+        """generate() cannot be stopped midway; the whole reply stays in the history."""
+
+    def end_turn(self) -> Iterator[Event]:
+        started = time.perf_counter()
+        audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
+        self._audio = []
+        features, frames = offline_mel(audio)
+        turn, self.turn_index = self.turn_index, self.turn_index + 1
+        yield TurnStarted(turn, frames / 100)
+        if frames == 0:
+            yield TurnFinished(turn, "", (), 0, "empty")
+            return
+        self._features.append(features)
+        max_frames = max(1, int(self.q.max_reply_seconds * 12.5))
+        result = reference_reply(self.bundle, self.q, self._features, self._replies, max_frames)
+        sync(self.bundle.device)
+        elapsed_ms = 1000 * (time.perf_counter() - started)
+        eos = self.bundle.model.config.im_end_token_id
+        ids = [i for i in result.reply_ids if i != eos]
+        self._replies.append(ids)
+        text = self.bundle.tokenizer.decode(ids, skip_special_tokens=True)
+        yield TextDelta(turn, text, tuple(result.reply_ids))
+        samples = 0
+        if result.waveform is not None:
+            wave = result.waveform.cpu().numpy()
+            samples = wave.shape[0]
+            yield AudioPacket(turn, wave, 0, int(result.codes.shape[1]) if result.codes is not None else 0)
+        yield StageTimings(turn, {"first_packet": elapsed_ms, "total": elapsed_ms,
+                                  "reply_tokens": len(result.reply_ids)})
+        ended = "eos" if result.reply_ids and result.reply_ids[-1] == eos else "max_tokens"
+        yield TurnFinished(turn, text, tuple(ids), samples, ended)

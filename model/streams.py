@@ -1,0 +1,161 @@
+"""Thinker and talker as growing-cache decoders: prefill pieces as they arrive, step one token.
+
+Both own their KV cache and a position counter. For voice prompts Qwen3-Omni's 3-D rotary
+positions are plain 0, 1, 2, … in all three axes, so the counter is all the position state there is.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+
+def _cache_kwarg(module: torch.nn.Module) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); accept either version."""
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _positions(start: int, n: int, device) -> torch.Tensor:
+    """(4, 1, n): the text row (for the causal mask) and the three rotary rows, all equal."""
+    return torch.arange(start, start + n, device=device).view(1, 1, n).expand(4, 1, n)
+
+
+class CausalStream:
+    """A decoder stack (`lm`, a transformers text model) with its own cache and position."""
+
+    def __init__(self, lm: torch.nn.Module):
+        self.lm = lm
+        self._cache_name = _cache_kwarg(lm)
+        self.cache = DynamicCache(config=lm.config)
+        self.length = 0
+
+    def forward(self, embeds: torch.Tensor, hidden_layer: int | None = None):
+        """embeds: (n, d). Returns (last hidden states (n, d), layer `hidden_layer` states (n, d) or
+        None). The layer index counts like `output_hidden_states`: 0 is the input embeddings."""
+        n = embeds.shape[0]
+        out = self.lm(
+            inputs_embeds=embeds[None],
+            position_ids=_positions(self.length, n, embeds.device),
+            use_cache=True,
+            output_hidden_states=hidden_layer is not None,
+            **{self._cache_name: self.cache},
+        )
+        self.length += n
+        layer = out.hidden_states[hidden_layer][0] if hidden_layer is not None else None
+        return out.last_hidden_state[0], layer
+
+    def crop(self, length: int) -> None:
+        """Forget everything after the first `length` positions."""
+        if length < self.length:
+            self.cache.crop(length - self.length)  # negative: tokens to remove (all versions)
+            self.length = length
+
+    def reset(self) -> None:
+        self.cache = DynamicCache(config=self.lm.config)
+        self.length = 0
+
+
+class ThinkerStream(CausalStream):
+    """The thinker's language model plus its embedding and output head."""
+
+    def __init__(self, thinker: torch.nn.Module):
+        super().__init__(thinker.model.language_model)
+        self.head = thinker.lm_head
+        self.embed_tokens = thinker.model.language_model.embed_tokens
+
+    def embed(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        """(n,) ids -> (n, d) input embeddings."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed_tokens.weight.device)
+        return self.embed_tokens(ids)
+
+    def prefill(self, embeds: torch.Tensor, hidden_layer: int | None = None):
+        """Returns (logits of the last position (vocab,), layer states (n, d) or None)."""
+        last, layer = self.forward(embeds, hidden_layer)
+        return self.head(last[-1]), layer
+
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """token: 0-d long. Returns next-token logits (vocab,)."""
+        last, _ = self.forward(self.embed(token.view(1)))
+        return self.head(last[-1])
+
+
+class TalkerStream(CausalStream):
+    """The talker (codebook 0 of each frame) and its code predictor (codebooks 1-15).
+
+    The cache holds the user part of the conversation (`user_length` positions, grows across turns)
+    followed by the current reply's assistant part, which `end_reply` cuts away again.
+    """
+
+    def __init__(self, talker: torch.nn.Module):
+        super().__init__(talker.model)
+        self.talker = talker
+        self.codec_head = talker.codec_head
+        self.codec_embed = talker.model.get_input_embeddings()
+        self.predictor = talker.code_predictor
+        self._predictor_cache_name = _cache_kwarg(talker.code_predictor.model)
+        self.groups = talker.config.num_code_groups
+        self.user_length = 0
+
+    def project_text(self, thinker_embeds: torch.Tensor) -> torch.Tensor:
+        """(n, d_thinker) token embeddings -> (n, d_talker)."""
+        return self.talker.text_projection(thinker_embeds)
+
+    def project_hidden(self, thinker_hidden: torch.Tensor) -> torch.Tensor:
+        """(n, d_thinker) thinker states of audio tokens -> (n, d_talker)."""
+        return self.talker.hidden_projection(thinker_hidden)
+
+    def extend_user(self, embeds: torch.Tensor) -> None:
+        """Append user-part positions (n, d_talker); only valid between replies."""
+        assert self.length == self.user_length, "user part extended during a reply"
+        self.forward(embeds)
+        self.user_length = self.length
+
+    def start_reply(self, embeds: torch.Tensor):
+        """Prefill the assistant part (n, d_talker). Returns (logits (vocab,), last state (d,))."""
+        last, _ = self.forward(embeds)
+        return self.codec_head(last[-1]), last[-1]
+
+    def step(self, embed: torch.Tensor):
+        """One frame: embed (d_talker,) = previous frame's codec embeddings + text. Returns
+        (logits (vocab,), last state (d,))."""
+        last, _ = self.forward(embed[None])
+        return self.codec_head(last[-1]), last[-1]
+
+    def end_reply(self) -> None:
+        self.crop(self.user_length)
+
+    def reset(self) -> None:
+        super().reset()
+        self.user_length = 0
+
+    def residual_codes(self, talker_state: torch.Tensor, code0: torch.Tensor, sample) -> tuple:
+        """Codebooks 1..15 of a frame from the talker state (d,) and codebook 0 (0-d long).
+
+        A direct loop over the code predictor (what `generate()` does with a nested generate()).
+        `sample(logits)` picks each code. Returns (codes (16,) long, summed codec embeddings (d,))
+        — the sum is the next talker step's input before the text is added.
+        """
+        first = self.codec_embed(code0.view(1))  # (1, d)
+        embeds = torch.cat([talker_state.view(1, -1), first])  # (2, d)
+        cache = DynamicCache(config=self.predictor.model.config)
+        codes = [code0.view(1)]
+        codec_embeds = [first]
+        position = 0
+        for group in range(self.groups - 1):
+            n = embeds.shape[0]
+            out = self.predictor.model(
+                inputs_embeds=embeds[None],
+                position_ids=torch.arange(position, position + n, device=embeds.device)[None],
+                use_cache=True,
+                **{self._predictor_cache_name: cache},
+            )
+            position += n
+            code = sample(self.predictor.lm_head[group](out.last_hidden_state[0, -1]))
+            codes.append(code.view(1))
+            embeds = self.predictor.model.get_input_embeddings()[group](code.view(1))  # (1, d)
+            codec_embeds.append(embeds)
+        # Summed in one reduction, as generate() does, so float rounding matches too.
+        return torch.cat(codes), torch.cat(codec_embeds).sum(0)

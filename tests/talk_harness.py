@@ -1,0 +1,133 @@
+"""Drive a real `talk` session through the virtual devices (tests/virtual_audio.py).
+
+`run_conversation` starts `talk_session` on a thread with a scripted Conversation, then plays a
+"user" script (24 kHz) into the virtual microphone while recording the virtual speaker, on one
+duplex test stream so both share a clock. With `echo_gain` the recorded speaker signal is mixed
+back into the microphone (an acoustic echo, delayed by the loopback itself).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from duplex_chat.audio.resample import resample
+from duplex_chat.config import load_settings
+
+TEST_RATE = 24_000  # Hz of the test's own stream
+SESSION_START_TIMEOUT_S = 20.0
+
+
+def espeak(text: str, voice: str = "en", gain: float = 0.8) -> np.ndarray:
+    """Speech (n,) float32 at 24 kHz from espeak-ng, trimmed of its leading/trailing silence."""
+    with tempfile.NamedTemporaryFile(suffix=".wav") as f:
+        subprocess.run(["espeak-ng", "-v", voice, "-w", f.name, text], check=True, capture_output=True)
+        audio, rate = sf.read(f.name, dtype="float32")
+    audio = resample(audio, rate, TEST_RATE)
+    loud = np.flatnonzero(np.abs(audio) > 0.01)
+    audio = audio[loud[0]:loud[-1] + 1]
+    return (gain * audio / np.max(np.abs(audio))).astype(np.float32)
+
+
+def session_settings(record_dir: Path, **overrides):
+    base = {"audio.input_device": "virtmic", "audio.output_device": "virtspk", "ui.plain": True,
+            "ui.record_dir": str(record_dir)}
+    base.update(overrides)
+    return load_settings(overrides=base, environ={})
+
+
+@dataclass
+class Result:
+    recorded: np.ndarray  # what the virtual speaker played, test timeline, 24 kHz
+    log: list[dict]  # the session's JSONL
+    record_dir: Path
+    error: BaseException | None
+
+    def events(self, kind: str) -> list[dict]:
+        return [e for e in self.log if e["type"] == kind]
+
+
+def read_log(record_dir: Path) -> list[dict]:
+    logs = sorted(Path(record_dir).glob("*-events.jsonl"))
+    if not logs:
+        return []
+    return [json.loads(line) for line in logs[-1].read_text().splitlines() if line.strip()]
+
+
+def _wait_started(record_dir: Path, thread: threading.Thread) -> None:
+    deadline = time.monotonic() + SESSION_START_TIMEOUT_S
+    while time.monotonic() < deadline and thread.is_alive():
+        if any(e["type"] == "session_started" for e in read_log(record_dir)):
+            return
+        time.sleep(0.05)
+    raise AssertionError("talk session did not start")
+
+
+def run_conversation(settings, conversation_factory, script: np.ndarray, echo_gain: float = 0.0,
+                     console=None, tail_s: float = 0.0, during=None) -> Result:
+    """Play `script` (24 kHz) as the user; return what the speaker played and the session log.
+
+    `during(session_thread)` runs after the script started (e.g. to unplug a device).
+    """
+    import sounddevice as sd
+
+    from duplex_chat.cli.talk import talk_session
+
+    stop = threading.Event()
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            talk_session(settings, conversation_factory, console=console, stop=stop)
+        except BaseException as exc:  # reported to the test
+            error.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    record_dir = Path(settings.ui.record_dir)
+    _wait_started(record_dir, thread)
+    script = np.concatenate([script, np.zeros(int(tail_s * TEST_RATE), np.float32)])
+    recorded = np.zeros(len(script), np.float32)
+    pos = [0]
+
+    def callback(indata, outdata, frames, time_info, status) -> None:
+        p = pos[0]
+        n = max(0, min(frames, len(script) - p))
+        outdata[:] = 0
+        outdata[:n, 0] = script[p:p + n]
+        if echo_gain and p > 0:
+            back = recorded[max(0, p - frames):p]  # the previous block: one block of extra delay
+            outdata[:len(back), 0] += echo_gain * back
+        recorded[p:p + n] = indata[:n, 0]
+        pos[0] = p + frames
+
+    with sd.Stream(device=("virtspk_mon", "mic_feed"), samplerate=TEST_RATE, channels=1,
+                   callback=callback, latency="low" if echo_gain else "high"):
+        if during is not None:
+            during(thread)
+        while pos[0] < len(script) and thread.is_alive():
+            time.sleep(0.02)
+    stop.set()
+    thread.join(15)
+    assert not thread.is_alive(), "talk session did not stop"
+    return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None)
+
+
+def find_signal(recording: np.ndarray, reference: np.ndarray) -> tuple[int, float]:
+    """(offset, normalised correlation) of `reference` in `recording` (both 24 kHz)."""
+    ref = reference[: min(len(reference), TEST_RATE)]
+    n = len(recording) + len(ref)
+    size = 1 << (n - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(recording, size) * np.conj(np.fft.rfft(ref, size)), size)
+    corr = corr[: len(recording) - len(ref) + 1]
+    k = int(np.argmax(corr))
+    energy = np.sqrt(np.sum(ref ** 2) * np.sum(recording[k:k + len(ref)] ** 2)) + 1e-12
+    return k, float(corr[k] / energy)

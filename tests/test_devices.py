@@ -1,0 +1,137 @@
+"""Audio device discovery: choosing a device from a spec, and reporting a missing PortAudio."""
+
+from __future__ import annotations
+
+import pytest
+
+from duplex_chat.audio import devices
+from duplex_chat.audio.devices import DeviceInfo, find_device
+from duplex_chat.config import DuplexError
+
+from .virtual_audio import unavailable_reason, virtual_audio
+
+
+def _dev(index, name, n_in, n_out, default_in=False, default_out=False, hostapi="ALSA"):
+    return DeviceInfo(index, name, hostapi, n_in, n_out, 48000.0, default_in, default_out)
+
+
+DEVICES = [
+    _dev(0, "HDA Intel PCH: ALC257 Analog", 2, 2),
+    _dev(1, "USB Headset Mic", 1, 0, default_in=True),
+    _dev(2, "USB Headset Speaker", 0, 2, default_out=True),
+    _dev(3, "HDMI 0", 0, 8),
+    _dev(4, "pulse", 32, 32),
+    _dev(5, "pulse monitor", 32, 0),
+]
+
+
+@pytest.fixture
+def fake_devices(monkeypatch):
+    """Make list_devices() return DEVICES without touching PortAudio."""
+    monkeypatch.setattr(devices, "list_devices", lambda: list(DEVICES))
+    return DEVICES
+
+
+def test_empty_spec_picks_the_default_of_each_kind(fake_devices):
+    assert find_device("", "input").index == 1
+    assert find_device("  ", "output").index == 2
+
+
+def test_integer_spec_is_an_index(fake_devices):
+    assert find_device("0", "input").name.startswith("HDA")
+    assert find_device("3", "output").name == "HDMI 0"
+
+
+def test_name_part_is_case_insensitive(fake_devices):
+    assert find_device("headset", "input").index == 1
+    assert find_device("HEADSET", "output").index == 2
+    assert find_device("alc257", "output").index == 0
+
+
+def test_exact_name_wins_over_longer_matches(fake_devices):
+    assert find_device("pulse", "input").index == 4
+
+
+def test_ambiguous_name_lists_the_candidates(fake_devices):
+    with pytest.raises(DuplexError) as err:
+        find_device("pul", "input")
+    message = str(err.value)
+    assert "several input devices" in message
+    assert "4: pulse" in message and "5: pulse monitor" in message
+    assert "--input-device" in message
+
+
+def test_missing_device_is_a_clear_error(fake_devices):
+    with pytest.raises(DuplexError, match="No audio device name contains 'bluetooth'"):
+        find_device("bluetooth", "output")
+    with pytest.raises(DuplexError, match="no audio device with index 42"):
+        find_device("42", "input")
+
+
+def test_device_without_channels_of_that_kind(fake_devices):
+    with pytest.raises(DuplexError, match="has no input channels"):
+        find_device("HDMI", "input")
+    with pytest.raises(DuplexError, match="has no output channels"):
+        find_device("1", "output")
+
+
+def test_no_default_device(monkeypatch):
+    monkeypatch.setattr(devices, "list_devices", lambda: [_dev(0, "line in", 2, 0)])
+    with pytest.raises(DuplexError, match="no default output device"):
+        find_device("", "output")
+
+
+def test_explicit_device_list_is_used(fake_devices):
+    only = [_dev(7, "Studio Mic", 1, 0)]
+    assert find_device("studio", "input", only).index == 7
+
+
+def test_portaudio_missing_gives_the_install_command(monkeypatch):
+    def broken_import():
+        raise OSError("PortAudio library not found")
+
+    monkeypatch.setattr(devices, "_import_sounddevice", broken_import)
+    monkeypatch.setattr(devices, "portaudio_install_command",
+                        lambda: "sudo apt-get install libportaudio2")
+    ok, detail = devices.portaudio_status()
+    assert not ok
+    assert "sudo apt-get install libportaudio2" in detail
+    with pytest.raises(DuplexError, match="libportaudio2"):
+        devices.list_devices()
+    assert not devices.supports_rate(DEVICES[0], "input", 16000)
+
+
+def test_install_command_follows_os_release(monkeypatch, tmp_path):
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    cases = {'ID=ubuntu\nID_LIKE=debian\n': "sudo apt-get install libportaudio2",
+             'ID="fedora"\n': "sudo dnf install portaudio",
+             'ID=endeavouros\nID_LIKE=arch\n': "sudo pacman -S portaudio"}
+    for text, command in cases.items():
+        (tmp_path / "os-release").write_text(text)
+        monkeypatch.setattr(devices, "OS_RELEASE", tmp_path / "os-release")
+        assert devices.portaudio_install_command() == command
+    monkeypatch.setattr(devices.sys, "platform", "darwin")
+    assert devices.portaudio_install_command() == "brew install portaudio"
+
+
+def test_sounddevice_package_missing(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # makes `import sounddevice` fail
+    ok, detail = devices.portaudio_status()
+    assert not ok and "pip install sounddevice" in detail
+
+
+@pytest.mark.audio_devices
+def test_virtual_devices_are_listed_and_open_at_model_rates():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    with virtual_audio() as va:
+        listed = devices.list_devices()
+        mic = find_device(va.app_input, "input", listed)
+        speaker = find_device(va.app_output, "output", listed)
+        assert mic.name == va.app_input and speaker.name == va.app_output
+        assert devices.supports_rate(mic, "input", 16000)
+        assert devices.supports_rate(speaker, "output", 24000)
+        assert not devices.supports_rate(mic, "input", 123)

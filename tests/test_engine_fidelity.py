@@ -1,0 +1,146 @@
+"""The streaming engine against the reference: transformers' own generate() on the same history.
+
+Tiny random checkpoint, float32, CPU, greedy everywhere, the same encoder window for both. The
+engine must give the same reply ids and codec codes, and a waveform equal to code2wav run on
+those codes in one piece (to 1e-4), for 1 s and 2 s windows, one and two turns, packet sizes 1, 2
+and 4 frames, after a cancel, and whatever chunk sizes the audio arrives in.
+
+generate() is fed the features the engine's streaming mel extractor made (see test_features.py
+for how those differ from the offline extractor's).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from duplex_chat.audio.features import StreamingMel
+from duplex_chat.model.engine import StreamingConversation
+from duplex_chat.model.events import AudioPacket, Interrupted, TextDelta, TurnFinished
+from duplex_chat.model.reference import reference_reply
+
+from .conftest import tiny_settings
+
+MAX_TOKENS = 10
+MAX_FRAMES = 14
+RATE = 16_000
+
+
+def user_audio(seconds: float, seed: int) -> np.ndarray:
+    """Speech-like test audio: a few gliding tones with an envelope, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * RATE)) / RATE
+    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + seed)
+    voice = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / RATE) / k for k in range(1, 6))
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
+    return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def mel_of(audio: np.ndarray) -> torch.Tensor:
+    mel = StreamingMel()
+    return torch.cat([mel.feed(audio), mel.finish()], dim=1)
+
+
+def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1):
+    settings = tiny_settings(checkpoint, encoder_window_s=window_s, max_reply_tokens=MAX_TOKENS,
+                             packet_frames=packet_frames, first_packet_frames=first,
+                             max_reply_seconds=MAX_FRAMES / 12.5)
+    conv = StreamingConversation(bundle, settings, seed=0)
+    assert conv.max_frames == MAX_FRAMES
+    return conv, settings
+
+
+def run_turn(conv, audio, chunk, cancel_after_packets=None, heard=0):
+    """Feed `audio` in `chunk`-sample pieces, end the turn; returns (ids, waveform, events)."""
+    for start in range(0, len(audio), chunk):
+        conv.feed(audio[start:start + chunk])
+    ids, packets, events = [], [], []
+    for event in conv.end_turn():
+        events.append(event)
+        if isinstance(event, TextDelta):
+            ids.extend(event.token_ids)
+        elif isinstance(event, AudioPacket):
+            assert event.start_sample == sum(p.shape[0] for p in packets)
+            packets.append(event.samples)
+            if cancel_after_packets is not None and len(packets) == cancel_after_packets:
+                conv.cancel(heard)
+    wave = np.concatenate(packets) if packets else np.zeros(0, np.float32)
+    return ids, wave, events
+
+
+def one_piece(bundle, codes: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return bundle.model.code2wav(codes[None])[0, 0].float().numpy()
+
+
+def assert_matches_reference(bundle, settings, conv, ids, wave, features, replies):
+    ref = reference_reply(bundle, settings.qwen, features, replies, max_frames=MAX_FRAMES)
+    assert ids == ref.reply_ids
+    assert ref.codes is not None and ref.codes.shape[1] > 0
+    assert torch.equal(conv.last_codes, ref.codes)
+    expected = one_piece(bundle, ref.codes)
+    assert wave.shape == expected.shape
+    assert np.abs(wave - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("window_s", [1.0, 2.0])
+def test_single_turn_equals_generate(tiny_bundle, tiny_checkpoint, window_s):
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s)
+    audio = user_audio(3.3, seed=1)
+    ids, wave, events = run_turn(conv, audio, chunk=5120)
+    assert isinstance(events[-1], TurnFinished)
+    assert_matches_reference(tiny_bundle, settings, conv, ids, wave, [mel_of(audio)], [])
+
+
+@pytest.mark.parametrize("window_s", [1.0, 2.0])
+def test_two_turns_equal_generate(tiny_bundle, tiny_checkpoint, window_s):
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s)
+    first, second = user_audio(2.4, seed=2), user_audio(1.7, seed=3)
+    _, _, events = run_turn(conv, first, chunk=4000)
+    reply1 = list(events[-1].token_ids)
+    ids, wave, _ = run_turn(conv, second, chunk=4000)
+    assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
+                             [mel_of(first), mel_of(second)], [reply1])
+
+
+@pytest.mark.parametrize("packet_frames", [1, 2, 4])
+def test_packet_sizes_tile_the_waveform(tiny_bundle, tiny_checkpoint, packet_frames):
+    conv, _ = make_conversation(tiny_bundle, tiny_checkpoint, 1.0, packet_frames, first=1)
+    ids, wave, events = run_turn(conv, user_audio(1.5, seed=4), chunk=8000)
+    packets = [e for e in events if isinstance(e, AudioPacket)]
+    assert packets[0].frames == 1
+    assert all(p.frames in (packet_frames, 0) for p in packets[1:-1])
+    expected = one_piece(tiny_bundle, conv.last_codes)
+    assert wave.shape == expected.shape
+    assert np.abs(wave - expected).max() < 1e-4
+
+
+def test_cancel_then_continue_equals_generate_on_truncated_history(tiny_bundle, tiny_checkpoint):
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, 1.0, packet_frames=2)
+    first, second = user_audio(2.2, seed=5), user_audio(1.4, seed=6)
+    heard = 3 * 1920 + 100  # a bit into the fourth frame
+    _, _, events = run_turn(conv, first, chunk=3000, cancel_after_packets=2, heard=heard)
+    interrupted = events[-1]
+    assert isinstance(interrupted, Interrupted)
+    assert interrupted.heard_samples == heard
+    kept = conv.turns[-1].reply_ids
+    assert len(kept) <= 4
+    conv.cancel(0)  # between turns: harmless
+    conv.cancel(0)
+    ids, wave, _ = run_turn(conv, second, chunk=3000)
+    assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
+                             [mel_of(first), mel_of(second)], [kept])
+
+
+def test_chunk_sizes_do_not_change_the_reply(tiny_bundle, tiny_checkpoint):
+    audio = user_audio(1.3, seed=7)
+    results = []
+    for chunk in (1, 317, 5 * RATE):
+        conv, _ = make_conversation(tiny_bundle, tiny_checkpoint, 1.0)
+        ids, wave, _ = run_turn(conv, audio, chunk)
+        results.append((ids, conv.last_codes, wave))
+    for ids, codes, wave in results[1:]:
+        assert ids == results[0][0]
+        assert torch.equal(codes, results[0][1])
+        assert np.array_equal(wave, results[0][2])

@@ -1,0 +1,78 @@
+"""A device that vanishes mid-session ends `talk` cleanly: clear error, streams closed, log intact."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from duplex_chat.audio.stream import AudioIO, RingBuffer
+from duplex_chat.config import DuplexError
+
+from .fake_engine import Reply, ScriptedConversation, chirp, factory_for
+from .talk_harness import TEST_RATE, read_log, run_conversation, session_settings
+from .virtual_audio import unavailable_reason, virtual_audio
+
+
+@pytest.mark.audio_devices
+def test_unplugged_microphone_ends_session_cleanly(tmp_path, monkeypatch):
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"virtual audio unavailable: {reason}")
+    unplugged = threading.Event()
+    real_input = AudioIO._input_part
+
+    def input_part(self, indata):  # the device vanishes: PortAudio's read fails in the callback
+        if unplugged.is_set():
+            raise OSError("Device unavailable [PaErrorCode -9985]")
+        real_input(self, indata)
+
+    monkeypatch.setattr(AudioIO, "_input_part", input_part)
+    with virtual_audio():
+        conversation = ScriptedConversation([Reply(chirp(1.0))])
+
+        def unplug(thread) -> None:
+            time.sleep(0.5)
+            unplugged.set()
+
+        result = run_conversation(session_settings(tmp_path), factory_for(conversation),
+                                  np.zeros(4 * TEST_RATE, np.float32), during=unplug)
+    assert isinstance(result.error, DuplexError), result.error
+    assert "audio device" in str(result.error)
+    kinds = [e["type"] for e in read_log(tmp_path)]
+    assert kinds[0] == "session_started" and "error" in kinds
+    assert kinds[-2:] == ["session_ended", "session_closed"]
+
+
+class _Status:
+    input_overflow = output_underflow = False
+
+
+def test_callback_error_is_reported_not_raised_into_portaudio():
+    """A failing callback (what a vanished device looks like to us) surfaces through check()."""
+    sd = pytest.importorskip("sounddevice")
+    io = AudioIO.__new__(AudioIO)  # no devices: exercise the callback path alone
+    io._sd, io.error, io._callbacks, io._streams = sd, None, 0, []
+
+    def broken(*args):
+        raise OSError("device disappeared")
+
+    with pytest.raises(sd.CallbackAbort):
+        io._guard(broken)
+    with pytest.raises(DuplexError, match="stopped working"):
+        io.check()
+
+
+def test_ring_buffer_wraps_drops_and_pads_with_silence():
+    ring = RingBuffer(8)
+    assert ring.write(np.arange(6, dtype=np.float32)) == 6
+    out = np.empty(4, np.float32)
+    assert ring.read_into(out) == 4 and out.tolist() == [0, 1, 2, 3]
+    assert ring.write(np.arange(10, 20, dtype=np.float32)) == 6  # 2 left + 6 free, 4 dropped
+    out = np.empty(10, np.float32)
+    assert ring.read_into(out) == 8
+    assert out.tolist() == [4, 5, 10, 11, 12, 13, 14, 15, 0, 0]  # underrun: silence
+    ring.write(np.ones(3, np.float32))
+    assert ring.clear() == 3 and ring.available == 0

@@ -1,0 +1,235 @@
+"""Voice activity: the Silero wrapper, the streaming state machine and offline turn finding."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from .audio_helpers import requires_espeak, sentences_with_pauses
+from duplex_chat.audio.constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES
+from duplex_chat.audio.files import iter_audio_blocks, write_wav
+from duplex_chat.audio.vad import (
+    SileroVad,
+    SpeechEnded,
+    SpeechStarted,
+    Turn,
+    VoiceActivity,
+    find_turns,
+)
+from duplex_chat.config import DuplexError, VadSettings, load_settings
+
+W = VAD_WINDOW_SAMPLES
+EDGE_TOLERANCE = int(0.150 * SAMPLE_RATE)  # 150 ms
+
+# In windows of 32 ms: min speech 8, end of turn 20, pre-roll 10.
+SETTINGS = VadSettings(threshold=0.5, neg_threshold=0.35, min_speech_ms=256, end_of_turn_ms=640,
+                       pre_roll_ms=320)
+
+
+class LevelVad:
+    """Stand-in model: a window's speech probability is its mean sample value."""
+
+    def __init__(self):
+        self.resets = 0
+
+    def prob(self, window: np.ndarray) -> float:
+        return float(window.mean())
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def levels(*segments: tuple[float, int]) -> np.ndarray:
+    """Constant-level signal: each (probability, n_windows) segment, float32 (n,)."""
+    return np.concatenate([np.full(n * W, p, np.float32) for p, n in segments])
+
+
+def feed_in_chunks(activity: VoiceActivity, signal: np.ndarray, sizes) -> list:
+    events, start, i = [], 0, 0
+    while start < len(signal):
+        size = sizes[i % len(sizes)]
+        events += activity.feed(signal[start : start + size])
+        start, i = start + size, i + 1
+    return events + activity.finish()
+
+
+# --- the state machine, with a scripted probability ------------------------------------------
+
+def test_start_and_end_are_reported_at_the_right_time_and_place():
+    activity = VoiceActivity(SETTINGS, LevelVad())
+    signal = levels((0.0, 40), (0.9, 30), (0.0, 30))
+    emitted_at = {}
+    for w in range(len(signal) // W):
+        for event in activity.feed(signal[w * W : (w + 1) * W]):
+            emitted_at[type(event)] = (w, event)
+    # Start confirmed after 8 windows of speech, reported at its onset; pre-roll 10 windows.
+    assert emitted_at[SpeechStarted] == (47, SpeechStarted(40 * W, 30 * W))
+    # End after 20 windows of silence, reported where the silence began.
+    assert emitted_at[SpeechEnded] == (89, SpeechEnded(70 * W))
+    assert not activity.in_speech and activity.finish() == []
+
+
+def test_events_do_not_depend_on_chunk_sizes():
+    signal = levels((0.0, 13), (0.9, 25), (0.2, 3), (0.9, 9), (0.0, 41), (0.7, 12), (0.0, 5))
+    signal = signal + np.float32(0.01) * np.sin(np.arange(len(signal), dtype=np.float32))
+    expected = feed_in_chunks(VoiceActivity(SETTINGS, LevelVad()), signal, [len(signal)])
+    assert len(expected) == 4
+    for sizes in ([1, 7, 512], [5120], [333, 1000, 2]):
+        assert feed_in_chunks(VoiceActivity(SETTINGS, LevelVad()), signal, sizes) == expected
+
+
+@pytest.mark.parametrize(
+    "segments,onset_window",
+    [
+        (((0.9, 7), (0.0, 40)), None),  # shorter than min_speech: dropped
+        (((0.9, 4), (0.4, 1), (0.9, 4), (0.0, 40)), 0),  # a dip above neg_threshold continues
+        (((0.9, 4), (0.1, 1), (0.9, 8), (0.0, 40)), 5),  # a dip under it restarts the onset
+        (((0.4, 30), (0.0, 40)), None),  # between the thresholds never starts speech
+    ],
+)
+def test_short_blips_and_onset_hysteresis(segments, onset_window):
+    events = feed_in_chunks(VoiceActivity(SETTINGS, LevelVad()), levels(*segments), [W])
+    starts = [e.sample_index for e in events if isinstance(e, SpeechStarted)]
+    assert starts == ([] if onset_window is None else [onset_window * W])
+
+
+@pytest.mark.parametrize(
+    "segments,end_window",
+    [
+        (((0.9, 20), (0.4, 30), (0.9, 5), (0.0, 25)), 55),  # between thresholds: still speech
+        (((0.9, 20), (0.1, 10), (0.4, 15)), 20),  # silence started; "between" does not cancel it
+        (((0.9, 20), (0.1, 19), (0.9, 1), (0.1, 19), (0.9, 1), (0.0, 20)), 60),  # pauses < 640 ms
+    ],
+)
+def test_end_of_turn_hysteresis(segments, end_window):
+    events = feed_in_chunks(VoiceActivity(SETTINGS, LevelVad()), levels(*segments), [W])
+    assert [e for e in events if isinstance(e, SpeechEnded)] == [SpeechEnded(end_window * W)]
+
+
+def test_pre_roll_is_clipped_at_zero_and_at_the_previous_turn():
+    settings = VadSettings(threshold=0.5, neg_threshold=0.35, min_speech_ms=256,
+                           end_of_turn_ms=640, pre_roll_ms=1000)  # pre-roll 31.25 windows
+    signal = levels((0.0, 3), (0.9, 10), (0.0, 25), (0.9, 10), (0.0, 60), (0.9, 10), (0.0, 30))
+    turns = find_turns([signal], settings, vad=LevelVad())
+    assert turns == [
+        Turn(start_sample=0, end_sample=13 * W, onset_sample=3 * W),
+        Turn(start_sample=13 * W, end_sample=48 * W, onset_sample=38 * W),
+        Turn(start_sample=108 * W - 16_000, end_sample=118 * W, onset_sample=108 * W),
+    ]
+
+
+def test_finish_closes_an_open_turn():
+    activity = VoiceActivity(SETTINGS, LevelVad())
+    events = activity.feed(np.concatenate([levels((0.0, 2), (0.9, 10)), np.full(100, 0.9, "f4")]))
+    assert events == [SpeechStarted(2 * W, 0)] and activity.in_speech
+    assert activity.finish() == [SpeechEnded(12 * W + 100)]  # the samples still waiting count
+
+    activity.reset()
+    assert activity.samples_fed == 0 and activity.vad.resets == 2
+    activity.feed(levels((0.9, 10), (0.1, 5)))
+    assert activity.finish() == [SpeechEnded(10 * W)]  # at the silence start
+
+
+def test_find_turns_over_a_one_hour_timeline():
+    hour, speech_at, speech_until, last_at = 3600, 3540, 3552, 3584  # seconds, window-aligned
+
+    def blocks():
+        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+        for second in range(hour):
+            speaking = speech_at <= second < speech_until or second >= last_at
+            yield np.full_like(t, 0.9 if speaking else 0.0, dtype=np.float32)
+
+    seen = []
+    turns = find_turns(blocks(), SETTINGS, progress=seen.append, vad=LevelVad())
+
+    pre_roll, r = 320 * SAMPLE_RATE // 1000, SAMPLE_RATE
+    assert turns == [
+        Turn(speech_at * r - pre_roll, speech_until * r, speech_at * r),
+        Turn(last_at * r - pre_roll, hour * r, last_at * r),
+    ]
+    assert turns[0].start_s == pytest.approx(3539.68) and turns[1].end_s == hour
+    assert len(seen) == hour and seen[-1] == hour and seen == sorted(seen)
+
+
+def test_voice_activity_rejects_integer_samples():
+    with pytest.raises(ValueError, match="float"):
+        VoiceActivity(SETTINGS, LevelVad()).feed(np.zeros(512, np.int16))
+
+
+# --- the real Silero model -------------------------------------------------------------------
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please tell me what the weather will be like tomorrow.",
+    "Okay.",
+    "I would like to book a table for two people at eight o'clock tonight.",
+]
+
+
+@requires_espeak
+def test_turns_in_espeak_speech_match_the_sentences(tmp_path):
+    speech, edges = sentences_with_pauses(SENTENCES, pause_s=1.5)
+    path = write_wav(tmp_path / "speech.wav", speech, SAMPLE_RATE)
+    settings = load_settings(environ={}).vad  # the shipped defaults
+    seen = []
+
+    turns = find_turns(iter_audio_blocks(path, block_s=1.0), settings, progress=seen.append)
+
+    assert len(turns) == len(SENTENCES)
+    pre_roll = settings.pre_roll_ms * SAMPLE_RATE // 1000
+    for turn, (start, end) in zip(turns, edges):
+        assert abs(turn.onset_sample - start) <= EDGE_TOLERANCE, (turn, start)
+        assert abs(turn.end_sample - end) <= EDGE_TOLERANCE, (turn, end)
+        assert turn.start_sample == max(turn.onset_sample - pre_roll, 0)
+    assert seen[-1] == pytest.approx(len(speech) / SAMPLE_RATE)
+
+
+@pytest.mark.parametrize("rms", [0.0, 0.003, 0.01])
+def test_no_turns_in_silence_or_quiet_white_noise(rms):
+    noise = rms * np.random.default_rng(0).standard_normal(6 * SAMPLE_RATE).astype(np.float32)
+    blocks = np.array_split(noise, 7)
+    assert find_turns(blocks, load_settings(environ={}).vad) == []
+
+
+@requires_espeak
+def test_silero_probabilities_are_reproducible_after_reset():
+    speech, _ = sentences_with_pauses(SENTENCES[:1], pause_s=0.5, lead_s=0.3)
+    windows = speech[: len(speech) // W * W].reshape(-1, W)
+    vad = SileroVad()
+    first = [vad.prob(w) for w in windows]
+    vad.reset()
+    second = [vad.prob(w) for w in windows]
+    assert first == second
+    assert max(first) > 0.9 and min(first) < 0.1 and all(0.0 <= p <= 1.0 for p in first)
+    with pytest.raises(ValueError, match="512"):
+        vad.prob(np.zeros(480, np.float32))
+
+
+def test_loading_silero_keeps_the_torch_thread_count(monkeypatch):
+    # Import silero_vad afresh: its import sets torch's threads to 1 unless we restore them.
+    import torch
+
+    for name in [m for m in sys.modules if m == "silero_vad" or m.startswith("silero_vad.")]:
+        monkeypatch.delitem(sys.modules, name)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        vad = SileroVad()
+        assert torch.get_num_threads() == 3
+        vad.prob(np.zeros(W, np.float32))  # runs on one thread, then restores
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_broken_silero_install_is_a_duplex_error(monkeypatch):
+    import silero_vad
+
+    def broken():
+        raise RuntimeError("file not found: silero_vad.jit")
+
+    monkeypatch.setattr(silero_vad, "load_silero_vad", broken)
+    with pytest.raises(DuplexError, match="Could not load the Silero VAD model"):
+        SileroVad()
