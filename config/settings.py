@@ -57,6 +57,7 @@ class QwenSettings:
     load_in_8bit: bool = field(metadata={})
     voice: str = field(metadata=_choices(*VOICES))
     system_prompt: str = field(metadata={})
+    decoder: str = field(metadata=_choices("auto", "fast", "eager"))
     encoder_window_s: float = field(metadata=_choices(1.0, 2.0))  # type: ignore[arg-type]
     first_packet_frames: int = field(metadata=_range(1, 2))
     packet_frames: int = field(metadata=_range(1, 25))

@@ -74,10 +74,13 @@ class StreamingConversation:
         self.device = bundle.device
         self.tokens = ChatTokens.from_model(self.config, bundle.tokenizer)
         self.tokenizer = bundle.tokenizer
-        self.thinker = ThinkerStream(model.thinker)
-        self.talker = TalkerStream(model.talker)
+        fast = self.q.decoder == "fast" or (self.q.decoder == "auto" and self.device.type == "cuda")
+        self.max_frames = max(1, int(self.q.max_reply_seconds * FRAME_HZ))
+        thinker_len = self.q.max_context_tokens + self.q.max_reply_tokens + 64
+        self.thinker = ThinkerStream(model.thinker, fast, thinker_len)
+        self.talker = TalkerStream(model.talker, fast, thinker_len + self.max_frames + 16)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
-        self.vocoder = StreamingVocoder(model.code2wav)
+        self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
         self.accept_layer = self.config.talker_config.accept_hidden_layer
         self.speaker_id = self._speaker_id(self.q.voice)
         generator = torch.Generator(device=self.device)
@@ -86,7 +89,6 @@ class StreamingConversation:
         self._cancel = threading.Event()
         self._heard_samples = 0
         self.max_context = self.q.max_context_tokens
-        self.max_frames = max(1, int(self.q.max_reply_seconds * FRAME_HZ))
         with torch.inference_mode():
             self._tts_embeds()
             self.reset()

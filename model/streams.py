@@ -18,17 +18,22 @@ def _cache_kwarg(module: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+PREDICTOR_POSITIONS = 16  # talker state + codebook 0, then codebooks 1..14 one at a time
+
+
 def _positions(start: int, n: int, device) -> torch.Tensor:
     """(4, 1, n): the text row (for the causal mask) and the three rotary rows, all equal."""
     return torch.arange(start, start + n, device=device).view(1, 1, n).expand(4, 1, n)
 
 
-class CausalStream:
-    """A decoder stack (`lm`, a transformers text model) with its own cache and position."""
+class EagerStack:
+    """A decoder stack (`lm`, a transformers text model) run through transformers' own forward,
+    with a growing `DynamicCache`. The reference path, and the one used on the CPU."""
 
     def __init__(self, lm: torch.nn.Module):
         self.lm = lm
         self._cache_name = _cache_kwarg(lm)
+        self._mrope = hasattr(lm.rotary_emb, "mrope_section")
         self.cache = DynamicCache(config=lm.config)
         self.length = 0
 
@@ -36,9 +41,10 @@ class CausalStream:
         """embeds: (n, d). Returns (last hidden states (n, d), layer `hidden_layer` states (n, d) or
         None). The layer index counts like `output_hidden_states`: 0 is the input embeddings."""
         n = embeds.shape[0]
+        positions = _positions(self.length, n, embeds.device)
         out = self.lm(
             inputs_embeds=embeds[None],
-            position_ids=_positions(self.length, n, embeds.device),
+            position_ids=positions if self._mrope else positions[0],
             use_cache=True,
             output_hidden_states=hidden_layer is not None,
             **{self._cache_name: self.cache},
@@ -58,13 +64,44 @@ class CausalStream:
         self.length = 0
 
 
-class ThinkerStream(CausalStream):
+def make_stack(lm: torch.nn.Module, fast: bool, max_len: int):
+    """The eager stack, or the static-cache one (CUDA graphs on the GPU) when `fast`."""
+    if fast:
+        from .fast import FastStack
+
+        return FastStack(lm, max_len)
+    return EagerStack(lm)
+
+
+class _StackUser:
+    """Delegates position bookkeeping to the stack it drives."""
+
+    stack: "EagerStack"
+
+    @property
+    def length(self) -> int:
+        return self.stack.length
+
+    def forward(self, embeds: torch.Tensor, hidden_layer: int | None = None):
+        return self.stack.forward(embeds, hidden_layer)
+
+    def crop(self, length: int) -> None:
+        self.stack.crop(length)
+
+    def reset(self) -> None:
+        self.stack.reset()
+
+
+class ThinkerStream(_StackUser):
     """The thinker's language model plus its embedding and output head."""
 
-    def __init__(self, thinker: torch.nn.Module):
-        super().__init__(thinker.model.language_model)
+    def __init__(self, thinker: torch.nn.Module, fast: bool = False, max_len: int = 16384):
+        from .listener import thinker_text_model
+
+        lm = thinker_text_model(thinker)
+        self.stack = make_stack(lm, fast, max_len)
         self.head = thinker.lm_head
-        self.embed_tokens = thinker.model.language_model.embed_tokens
+        self.embed_tokens = lm.embed_tokens
 
     def embed(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         """(n,) ids -> (n, d) input embeddings."""
@@ -82,20 +119,21 @@ class ThinkerStream(CausalStream):
         return self.head(last[-1])
 
 
-class TalkerStream(CausalStream):
+class TalkerStream(_StackUser):
     """The talker (codebook 0 of each frame) and its code predictor (codebooks 1-15).
 
     The cache holds the user part of the conversation (`user_length` positions, grows across turns)
     followed by the current reply's assistant part, which `end_reply` cuts away again.
     """
 
-    def __init__(self, talker: torch.nn.Module):
-        super().__init__(talker.model)
+    def __init__(self, talker: torch.nn.Module, fast: bool = False, max_len: int = 16384):
+        self.stack = make_stack(talker.model, fast, max_len)
+        self.fast = fast
+        self.predictor_stack = make_stack(talker.code_predictor.model, fast, PREDICTOR_POSITIONS)
         self.talker = talker
         self.codec_head = talker.codec_head
         self.codec_embed = talker.model.get_input_embeddings()
         self.predictor = talker.code_predictor
-        self._predictor_cache_name = _cache_kwarg(talker.code_predictor.model)
         self.groups = talker.config.num_code_groups
         self.user_length = 0
 
@@ -128,7 +166,7 @@ class TalkerStream(CausalStream):
         self.crop(self.user_length)
 
     def reset(self) -> None:
-        super().reset()
+        self.stack.reset()
         self.user_length = 0
 
     def residual_codes(self, talker_state: torch.Tensor, code0: torch.Tensor, sample) -> tuple:
@@ -140,20 +178,13 @@ class TalkerStream(CausalStream):
         """
         first = self.codec_embed(code0.view(1))  # (1, d)
         embeds = torch.cat([talker_state.view(1, -1), first])  # (2, d)
-        cache = DynamicCache(config=self.predictor.model.config)
+        stack = self.predictor_stack
+        stack.reset()
         codes = [code0.view(1)]
         codec_embeds = [first]
-        position = 0
         for group in range(self.groups - 1):
-            n = embeds.shape[0]
-            out = self.predictor.model(
-                inputs_embeds=embeds[None],
-                position_ids=torch.arange(position, position + n, device=embeds.device)[None],
-                use_cache=True,
-                **{self._predictor_cache_name: cache},
-            )
-            position += n
-            code = sample(self.predictor.lm_head[group](out.last_hidden_state[0, -1]))
+            last, _ = stack.forward(embeds)
+            code = sample(self.predictor.lm_head[group](last[-1]))
             codes.append(code.view(1))
             embeds = self.predictor.model.get_input_embeddings()[group](code.view(1))  # (1, d)
             codec_embeds.append(embeds)

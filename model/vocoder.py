@@ -17,7 +17,11 @@ the state the one-piece forward would have at that point:
   (a query at frame t sees frames t - sliding_window + 1 .. t), and positions keep counting.
 
 Every frame is computed once; per packet the extra work is only the concatenation of these small
-states.
+states. The states have fixed shapes and are updated in place, so with `cuda_graphs=True` a push
+replays a captured CUDA graph. Measured on an H100 with the full-size code2wav (random weights,
+bf16): eager ~13 ms per push of 1-4 frames (launch-bound, ~600 kernels); with CUDA graphs 2.5 ms
+per 1-frame push, 2.8 ms per 4-frame push (0.7 ms/frame); one-piece decoding of 160 frames
+0.15 ms/frame. Exactness there (float32, TF32 off): max abs difference 1.7e-5 against one piece.
 
 Length. In one piece, code2wav returns fewer than `n_frames * samples_per_frame` samples: each of
 the decoder's transposed convs (kernel 2s, stride s) returns `(length - 1) * s` samples, so the
@@ -403,7 +407,8 @@ class StreamingVocoder:
         """Capture `_decode` for this packet size; the state is left as it was."""
         state = self._state_buffers()
         saved = [buffer.clone() for buffer in state]
-        static_codes = codes.clone()
+        static_codes = _new_state(tuple(codes.shape), codes)
+        static_codes.copy_(codes)
         side = torch.cuda.Stream(device=self._device)
         side.wait_stream(torch.cuda.current_stream(self._device))
         with torch.cuda.stream(side):

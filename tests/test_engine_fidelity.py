@@ -42,8 +42,9 @@ def mel_of(audio: np.ndarray) -> torch.Tensor:
     return torch.cat([mel.feed(audio), mel.finish()], dim=1)
 
 
-def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1):
+def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1, decoder="eager"):
     settings = tiny_settings(checkpoint, encoder_window_s=window_s, max_reply_tokens=MAX_TOKENS,
+                             decoder=decoder,
                              packet_frames=packet_frames, first_packet_frames=first,
                              max_reply_seconds=MAX_FRAMES / 12.5)
     conv = StreamingConversation(bundle, settings, seed=0)
@@ -84,18 +85,18 @@ def assert_matches_reference(bundle, settings, conv, ids, wave, features, replie
     assert np.abs(wave - expected).max() < 1e-4
 
 
-@pytest.mark.parametrize("window_s", [1.0, 2.0])
-def test_single_turn_equals_generate(tiny_bundle, tiny_checkpoint, window_s):
-    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s)
+@pytest.mark.parametrize("window_s,decoder", [(1.0, "eager"), (2.0, "eager"), (1.0, "fast")])
+def test_single_turn_equals_generate(tiny_bundle, tiny_checkpoint, window_s, decoder):
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s, decoder=decoder)
     audio = user_audio(3.3, seed=1)
     ids, wave, events = run_turn(conv, audio, chunk=5120)
     assert isinstance(events[-1], TurnFinished)
     assert_matches_reference(tiny_bundle, settings, conv, ids, wave, [mel_of(audio)], [])
 
 
-@pytest.mark.parametrize("window_s", [1.0, 2.0])
-def test_two_turns_equal_generate(tiny_bundle, tiny_checkpoint, window_s):
-    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s)
+@pytest.mark.parametrize("window_s,decoder", [(1.0, "eager"), (2.0, "eager"), (2.0, "fast")])
+def test_two_turns_equal_generate(tiny_bundle, tiny_checkpoint, window_s, decoder):
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s, decoder=decoder)
     first, second = user_audio(2.4, seed=2), user_audio(1.7, seed=3)
     _, _, events = run_turn(conv, first, chunk=4000)
     reply1 = list(events[-1].token_ids)

@@ -149,3 +149,8 @@ def test_bad_codes_are_refused(code2wav):
         vocoder.push(torch.zeros(8, 3, dtype=torch.long))
     with pytest.raises(TypeError):
         vocoder.push(torch.zeros(NUM_QUANTIZERS, 3))
+
+
+def test_cuda_graphs_need_cuda(code2wav):
+    with pytest.raises(ValueError):
+        StreamingVocoder(code2wav, cuda_graphs=True)
