@@ -134,6 +134,29 @@ def talk(
     raise typer.Exit(run_talk(settings, list_devices_only=list_devices))
 
 
+@app.command()
+def bench(
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    random_weights: bool = typer.Option(False, "--random-weights",
+                                        help="Full-size model from the release config, random weights."),
+    turns: int = typer.Option(6, "--turns", min=1, help="Measured turns (after 2 warm-up)."),
+    user_seconds: float = typer.Option(10.0, "--user-seconds", min=1.0, help="User audio per turn."),
+    reply_seconds: float = typer.Option(10.0, "--reply-seconds", min=0.5, help="Reply audio per turn."),
+    no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the stock generate() run."),
+    verify: bool = typer.Option(False, "--verify", help="Check fast vs eager path agreement."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Measure the engine on this GPU against the targets (and stock generate())."""
+    from .bench import run_bench
+
+    settings = settings_from(config, **model_flags(model, dtype, device_map, None))
+    raise typer.Exit(run_bench(settings, random_weights, turns, user_seconds, reply_seconds,
+                               not no_baseline, verify, json_out))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning `DuplexError` into one line and an exit code.
 

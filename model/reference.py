@@ -107,6 +107,7 @@ class StockConversation:
 
     def __init__(self, bundle, q: QwenSettings):
         self.bundle, self.q = bundle, q
+        self.device = bundle.device
         self.reset()
 
     def reset(self) -> None:

@@ -1,0 +1,111 @@
+"""`duplex-chat bench`: the engine's speed on this GPU, as a table next to the targets."""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from duplex_chat.config import DuplexError, Settings
+
+LABELS = {
+    "first_packet_ms": ("first audio packet after end of turn", "ms"),
+    "thinker_ms_per_token": ("thinker decode", "ms/token"),
+    "talker_ms_per_frame": ("talker step + 15 code-predictor steps", "ms/frame"),
+    "vocoder_ms_per_frame": ("vocoder, streamed", "ms/frame"),
+    "rtf": ("real-time factor over the reply", ""),
+    "listen_ms_per_s": ("GPU time listening, per s of user audio", "ms"),
+    "peak_gib": ("peak GPU memory over the conversation", "GiB"),
+}
+
+
+def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: float,
+              reply_s: float, baseline: bool, verify: bool, json_out: bool) -> int:
+    import torch
+
+    from duplex_chat.model import bench
+    from duplex_chat.model.loading import load_model, resolve_device, resolve_dtype
+
+    err = Console(stderr=True)
+    device = resolve_device(settings.qwen.device_map)
+    if device.type != "cuda":
+        raise DuplexError("bench measures the GPU path and needs CUDA (qwen.device_map is cpu).")
+    settings = settings.replace("qwen", max_reply_seconds=reply_s,
+                                max_reply_tokens=max(8, int(reply_s * 4)))
+    if random_weights:
+        err.print("[dim]building the full-size model with random weights[/]")
+        bundle = bench.random_weights_bundle(device, resolve_dtype(settings.qwen.torch_dtype, {}))
+    else:
+        bundle = load_model(settings.qwen, progress=lambda m: err.print(f"[dim]{m}[/]"))
+    err.print(f"[dim]model ready in {bundle.load_seconds:.1f} s; {turns} turns after 2 warm-up[/]")
+    report = {
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "python": platform.python_version(),
+        "model": bundle.source,
+        "dtype": str(bundle.dtype).removeprefix("torch."),
+        "user_s": user_s, "reply_s": reply_s, "turns": turns,
+        "command": "duplex-chat " + " ".join(sys.argv[1:]),
+    }
+    summary, _ = bench.engine_benchmark(bundle, settings, turns=turns, warmup=2, user_s=user_s)
+    report["engine"] = summary
+    if verify:
+        err.print("[dim]verifying the fast path against the eager path (greedy)[/]")
+        short = settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
+        report["verify"] = bench.verify(bundle, short, user_s=5.0)
+    if baseline:
+        err.print("[dim]stock generate() baseline (one turn)[/]")
+        report["stock"] = bench.stock_benchmark(bundle, settings.replace(
+            "qwen", max_reply_seconds=8.0, max_reply_tokens=32), user_s=5.0)
+    if json_out:
+        print(json.dumps(report))
+    else:
+        render(Console(), report)
+    met = all(_met(name, report["engine"][name]["median"]) for name in bench.TARGETS)
+    return 0 if met else 3
+
+
+def _met(name: str, value: float) -> bool:
+    from duplex_chat.model.bench import TARGETS
+
+    return value == value and value <= TARGETS[name]
+
+
+def render(console: Console, report: dict) -> None:
+    from duplex_chat.model.bench import TARGETS
+
+    table = Table(title=f"duplex-chat bench — {report['gpu']}, {report['dtype']}, "
+                        f"torch {report['torch']}, transformers {report['transformers']}")
+    for column in ("metric", "median", "p90", "stock generate()", "target", ""):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    stock = report.get("stock", {})
+    for name, (label, unit) in LABELS.items():
+        value = report["engine"][name]
+        base = stock.get(name)
+        table.add_row(
+            f"{label}" + (f" ({unit})" if unit else ""),
+            _fmt(value["median"]), _fmt(value["p90"]),
+            _fmt(base) if base is not None else "—",
+            f"≤ {_fmt(TARGETS[name])}",
+            "[green]met[/]" if _met(name, value["median"]) else "[red]missed[/]",
+        )
+    console.print(table)
+    if "verify" in report:
+        v = report["verify"]
+        console.print(
+            f"fast vs eager (greedy): identical tokens for {v['tokens_identical_prefix']}/"
+            f"{v['tokens_compared']}, identical frames for {v['frames_identical_prefix']}/"
+            f"{v['frames_compared']}, codes agreeing {100 * v['code_agreement']:.1f}%"
+        )
+
+
+def _fmt(value: float) -> str:
+    if value != value:
+        return "n/a"
+    return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
