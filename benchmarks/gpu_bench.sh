@@ -7,11 +7,11 @@ set -euo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
-python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site .
+python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-duplex-chat bench --random-weights --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err" || echo "bench exit $?"
+python3 -m duplex_chat.cli.app bench --random-weights --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err" || echo "bench exit $?"
 tail -5 "$OUT/bench.err"
 python3 - "$OUT/bench.json" <<'PY'
 import json, sys

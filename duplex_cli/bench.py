@@ -96,6 +96,11 @@ def render(console: Console, report: dict) -> None:
             "[green]met[/]" if _met(name, value["median"]) else "[red]missed[/]",
         )
     console.print(table)
+    stages = report["engine"].get("stages_median", {})
+    marks = [f"{k} {stages[k]:.0f} ms" for k in ("encode_tail", "prefill", "first_token",
+                                                  "first_frame", "first_packet") if k in stages]
+    if marks:
+        console.print("end of turn → " + ", ".join(marks))
     if "verify" in report:
         v = report["verify"]
         console.print(

@@ -113,7 +113,11 @@ def summarize(turns: list[TurnResult]) -> dict:
         "listen_ms_per_s": [t.stages.get("listen_ms", float("nan")) / t.user_s for t in turns],
         "peak_gib": [t.peak_gib for t in turns],
     }
-    return {name: {"median": statistics.median(v), "p90": _p90(v)} for name, v in rows.items()}
+    summary = {name: {"median": statistics.median(v), "p90": _p90(v)} for name, v in rows.items()}
+    keys = sorted(set().union(*(t.stages for t in turns)))
+    summary["stages_median"] = {k: statistics.median(t.stages.get(k, float("nan")) for t in turns)
+                                for k in keys}
+    return summary
 
 
 def _p90(values: list[float]) -> float:

@@ -43,6 +43,7 @@ from .vocoder import StreamingVocoder
 SAMPLE_RATE = 16_000  # Hz, user audio
 OUTPUT_SAMPLE_RATE = 24_000  # Hz, reply audio
 FRAME_HZ = 12.5  # codec frames per second of speech
+GRAPH_WARM_UP_POSITIONS = 4096  # decode graphs captured at start cover conversations this long
 PREDICTOR_TOP_K, PREDICTOR_TOP_P = 50, 0.8  # what generate() gives the code predictor when sampling
 
 
@@ -81,6 +82,8 @@ class StreamingConversation:
         self.talker = TalkerStream(model.talker, fast, thinker_len + self.max_frames + 16)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
         self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
+        if fast and self.device.type == "cuda":
+            self._capture_graphs()
         self.accept_layer = self.config.talker_config.accept_hidden_layer
         self.speaker_id = self._speaker_id(self.q.voice)
         generator = torch.Generator(device=self.device)
@@ -137,6 +140,13 @@ class StreamingConversation:
         """The user stopped talking: stream the reply as events."""
         with torch.inference_mode():
             yield from self._reply()
+
+    def _capture_graphs(self) -> None:
+        """Compile and capture the decode steps now, not in the middle of the first reply."""
+        with torch.inference_mode():
+            self.thinker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
+            self.talker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
+            self.talker.predictor_stack.warm_up(1)
 
     @property
     def last_codes(self) -> torch.Tensor:

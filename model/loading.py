@@ -127,6 +127,9 @@ def resolve_device(device_map: str) -> torch.device:
         if index >= torch.cuda.device_count():
             raise DuplexError(f"{device_map} does not exist: torch sees "
                               f"{torch.cuda.device_count()} GPU(s).")
+        # "cuda" means GPU 0, as for "auto"; an explicit index keeps the device map, the
+        # parameters' device and `ModelBundle.device` equal (torch.device("cuda") != "cuda:0").
+        device = torch.device("cuda", index)
     return device
 
 
@@ -173,7 +176,7 @@ def load_model(settings: QwenSettings, progress: Progress | None = None) -> Mode
     config = Qwen3OmniMoeConfig.from_pretrained(source)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if settings.load_in_8bit:
-        kwargs["quantization_config"] = _int8_config()
+        kwargs["quantization_config"] = _int8_config(device)
     if device.type == "cuda":
         kwargs["device_map"] = _device_map(config, device)
     _say(progress, f"loading {source.name} ({str(dtype).removeprefix('torch.')}, {device})")
@@ -200,7 +203,12 @@ def _drop_vision(model) -> None:
     remove_hook_from_module(model, recurse=True)
 
 
-def _int8_config():
+def _int8_config(device: torch.device):
+    if device.type != "cuda":  # e.g. device_map auto on a machine without a GPU
+        raise DuplexError(
+            f"qwen.load_in_8bit needs a CUDA GPU, but the model would load on {device}.",
+            hint="Drop --load-in-8bit / SCA_QWEN_LOAD_IN_8BIT, or fix CUDA.",
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:

@@ -1,0 +1,173 @@
+"""`duplex-chat replay` end to end on the tiny random checkpoint with espeak speech.
+
+Replies of a random model never end by themselves, so every run caps them (REPLY_CAPS). Timing
+checks are relative to the run's own measured stages, not to absolute numbers: CI machines are
+slow and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+from typer.testing import CliRunner
+
+from duplex_chat.cli.app import app
+
+from .audio_helpers import requires_espeak, sentences_with_pauses
+from .test_bad_input import CLI
+
+pytestmark = requires_espeak
+
+RATE = 16_000
+OUT_RATE = 24_000
+SENTENCES = ["Hello there, how are you doing today?", "What will the weather be like tomorrow?"]
+PAUSE_S = 2.0  # silence between the sentences
+LEAD_S = 1.0  # silence before the first (and after the last) sentence
+REPLY_CAPS = {"SCA_QWEN_MAX_REPLY_TOKENS": "6", "SCA_QWEN_MAX_REPLY_SECONDS": "0.8",
+              "SCA_QWEN_GREEDY": "true"}
+MAX_REPLY_SAMPLES = int(0.8 * OUT_RATE) + 1920  # the cap plus one codec frame
+EDGE_TOLERANCE_S = 0.35  # VAD vs energy edges of espeak speech
+STAGES = ("first_token", "first_packet", "thinker_ms_per_token", "talker_ms_per_frame")
+PLACEMENT_SLACK_S = 0.3
+ONSET_SAMPLES = int(0.05 * OUT_RATE)  # a reply must sound within 50 ms of its start  # first packet's place on the timeline vs its measured latency
+
+
+def model_args(checkpoint) -> list[str]:
+    return ["--model", str(checkpoint), "--device-map", "cpu", "--dtype", "float32"]
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def invoke(args: list[str]):
+    """Run the app in this process (faster than a subprocess) with capped replies."""
+    return CliRunner().invoke(app, args, env=REPLY_CAPS, catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def two_sentences(tmp_path_factory):
+    """A PCM16 wav of two sentences, and each sentence's true (start, end) in seconds."""
+    audio, edges = sentences_with_pauses(SENTENCES, PAUSE_S, RATE, LEAD_S)
+    path = tmp_path_factory.mktemp("replay") / "two.wav"
+    sf.write(str(path), audio, RATE, subtype="PCM_16")
+    return path, [(a / RATE, b / RATE) for a, b in edges]
+
+
+@pytest.fixture(scope="module")
+def json_run(two_sentences, tiny_checkpoint, tmp_path_factory):
+    """`duplex-chat replay FILE --out OUT --json` as a real subprocess."""
+    path, _ = two_sentences
+    out = tmp_path_factory.mktemp("replay-out") / "reply.wav"
+    env = {**os.environ, **REPLY_CAPS}
+    cmd = [*CLI, "replay", str(path), "--out", str(out), "--json", *model_args(tiny_checkpoint)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json_lines(result.stdout), out
+
+
+def finished_turns(events: list[dict]) -> list[dict]:
+    return [e for e in events if e["event"] == "turn_finished"]
+
+
+def test_json_has_two_turns_with_stages(json_run, two_sentences):
+    events, _ = json_run
+    _, edges = two_sentences
+    started = [e for e in events if e["event"] == "turn_started"]
+    finished = finished_turns(events)
+    assert [e["turn"] for e in started] == [0, 1] and [e["turn"] for e in finished] == [0, 1]
+    assert events[-1]["event"] == "summary" and events[-1]["turns"] == 2
+    for turn, (true_start, true_end) in zip(started, edges):
+        assert turn["start_s"] < true_start  # pre-roll keeps the onset
+        assert abs(turn["end_s"] - true_end) < EDGE_TOLERANCE_S
+        # The turn is known to be over end_of_turn_ms (600) + at most one chunk later.
+        assert 0.5 <= turn["detected_s"] - turn["end_s"] <= 1.3
+    for turn in finished:
+        assert turn["text"].strip(), "the capped reply has tokens"
+        assert set(STAGES) <= set(turn["stages"])
+        assert turn["stages"]["first_token"] <= turn["stages"]["first_packet"]
+        assert 0 < turn["reply_samples"] <= MAX_REPLY_SAMPLES
+    texts = "".join(e["text"] for e in events if e["event"] == "text")
+    assert texts == "".join(t["text"] for t in finished)
+
+
+def test_reply_starts_right_after_the_turn(json_run):
+    events, _ = json_run
+    started = [e for e in events if e["event"] == "turn_started"]
+    for turn, done in zip(started, finished_turns(events)):
+        wait = done["reply_start_s"] - turn["detected_s"]
+        assert wait >= 0
+        # Placed where its first packet was ready: the measured latency, not some later time.
+        assert wait <= done["stages"]["first_packet"] / 1000 + PLACEMENT_SLACK_S
+        assert done["latency_s"] == pytest.approx(done["reply_start_s"] - turn["end_s"])
+
+
+def test_out_wav_is_input_left_and_replies_right(json_run, two_sentences):
+    events, out = json_run
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels) == (OUT_RATE, 2)
+    stereo, _ = sf.read(str(out), dtype="float64")
+    source, _ = sf.read(str(two_sentences[0]), dtype="float64")
+    reference = soxr.resample(source, RATE, OUT_RATE)
+    left, right = stereo[:, 0], stereo[:, 1]
+    assert len(left) >= len(reference)
+    assert np.corrcoef(left[: len(reference)], reference)[0, 1] > 0.999
+    # The right channel is silent until the first reply and sounds from each reply_start_s on.
+    # Later packets sit where they were ready, so a slow machine leaves gaps: only the start of
+    # each reply and the total amount of sound are exact. (The tiny model's audio is a few LSB
+    # in PCM16, hence "non-zero" rather than a level.)
+    turns = finished_turns(events)
+    starts = [round(t["reply_start_s"] * OUT_RATE) for t in turns]
+    assert starts[0] > round(events[0]["detected_s"] * OUT_RATE)
+    assert not np.any(right[:starts[0]])
+    for start in starts:
+        assert np.any(right[start:start + ONSET_SAMPLES])
+    assert np.count_nonzero(right) <= sum(t["reply_samples"] for t in turns)
+    assert len(right) >= starts[-1] + turns[-1]["reply_samples"]
+
+
+def test_human_output_with_voice_chelsie(two_sentences, tiny_checkpoint, json_run, monkeypatch):
+    """No --json: user/assistant lines and a latency line per turn; --voice reaches the engine."""
+    from duplex_chat.model import engine
+
+    speakers = []
+    original_init = engine.StreamingConversation.__init__
+
+    def spying_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        speakers.append((self.q.voice, self.speaker_id))
+
+    monkeypatch.setattr(engine.StreamingConversation, "__init__", spying_init)
+    result = invoke(["replay", str(two_sentences[0]), "--voice", "chelsie",
+                     *model_args(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("user ") for line in lines) == 2
+    assert sum(line.startswith("assistant ") for line in lines) == 2
+    assert result.stdout.count("latency") == 2 and result.stdout.count("first packet") == 2
+    assert "2 turn(s)" in result.stdout
+    assert speakers == [("Chelsie", 2301)]  # the release config's id for chelsie
+    # The voice changes the talker only: greedy text equals the --json run's (voice Ethan).
+    for turn in finished_turns(json_run[0]):
+        assert turn["text"].strip() in result.stdout
+
+
+def test_stock_generate_one_turn(tiny_checkpoint, tmp_path):
+    audio, _ = sentences_with_pauses(SENTENCES[:1], PAUSE_S, RATE, lead_s=0.5)
+    path = tmp_path / "one.wav"
+    sf.write(str(path), audio, RATE, subtype="PCM_16")
+    out = tmp_path / "stock.wav"
+    result = invoke(["replay", str(path), "--stock", "--json", "--out", str(out),
+                     *model_args(tiny_checkpoint)])
+    assert result.exit_code == 0, result.output
+    events = json_lines(result.stdout)
+    (turn,) = finished_turns(events)
+    assert turn["text"].strip() and 0 < turn["reply_samples"] <= MAX_REPLY_SAMPLES
+    assert turn["reply_start_s"] >= events[0]["detected_s"]
+    assert sf.info(str(out)).channels == 2
