@@ -13,6 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m duplex_chat.cli.app bench --random-weights --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err" || echo "bench exit $?"
 tail -5 "$OUT/bench.err"
+if [ -n "${PROFILE:-}" ]; then python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi
 python3 - "$OUT/bench.json" <<'PY'
 import json, sys
 from rich.console import Console

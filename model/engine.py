@@ -78,13 +78,13 @@ class StreamingConversation:
         fast = self.q.decoder == "fast" or (self.q.decoder == "auto" and self.device.type == "cuda")
         self.max_frames = max(1, int(self.q.max_reply_seconds * FRAME_HZ))
         thinker_len = self.q.max_context_tokens + self.q.max_reply_tokens + 64
-        self.thinker = ThinkerStream(model.thinker, fast, thinker_len)
+        self.accept_layer = self.config.talker_config.accept_hidden_layer
+        self.thinker = ThinkerStream(model.thinker, fast, thinker_len, self.accept_layer)
         self.talker = TalkerStream(model.talker, fast, thinker_len + self.max_frames + 16)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
         self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
         if fast and self.device.type == "cuda":
             self._capture_graphs()
-        self.accept_layer = self.config.talker_config.accept_hidden_layer
         self.speaker_id = self._speaker_id(self.q.voice)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
@@ -146,7 +146,6 @@ class StreamingConversation:
         with torch.inference_mode():
             self.thinker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
             self.talker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
-            self.talker.predictor_stack.warm_up(1)
 
     @property
     def last_codes(self) -> torch.Tensor:
@@ -194,30 +193,40 @@ class StreamingConversation:
             self._open_turn()
         yield from self._pending_events
         tail = self.listener.finish()
+        clock.mark("encode_tail")
         if tail is not None:
             self._open_audio.append(tail)
-            _, hidden = self.thinker.prefill(tail, hidden_layer=self.accept_layer)
-            self.talker.extend_user(self.talker.project_hidden(hidden))
-        clock.mark("encode_tail")
         audio = torch.cat(self._open_audio) if self._open_audio else self.thinker.embed([])
         self.turns.append(_Turn(audio=audio))
         self._turn_open = False
-        user_s = self.listener.mel_frames / 100
         turn = self.turn_index
         self.turn_index += 1
-        yield TurnStarted(turn=turn, user_audio_s=user_s)
-        self._prefill_text(self.tokens.user_tail(), user=True)
-        self._reply_start = self.thinker.length
-        logits = self._prefill_text(self.tokens.assistant_head(), user=False)
+        yield TurnStarted(turn=turn, user_audio_s=self.listener.mel_frames / 100)
+        logits = self._prefill_end_of_turn(tail)
         clock.mark("prefill")
         yield from self._speak(turn, logits, clock)
+
+    def _prefill_end_of_turn(self, tail: torch.Tensor | None) -> torch.Tensor:
+        """One thinker pass over the audio tail (tokens, d), the user turn's closing tokens and
+        the assistant header; returns the logits of the first reply token. The talker's share of
+        the user part waits for `start_reply`, to go in the same pass as the assistant part."""
+        closing = self.thinker.embed(self.tokens.user_tail())
+        header = self.thinker.embed(self.tokens.assistant_head())
+        audio = tail if tail is not None else closing[:0]
+        logits, hidden = self.thinker.prefill(torch.cat([audio, closing, header]),
+                                              hidden_layer=self.accept_layer)
+        self._reply_start = self.thinker.length - header.shape[0]
+        self._talker_user_tail = torch.cat([
+            self.talker.project_hidden(hidden[:audio.shape[0]]), self.talker.project_text(closing)])
+        return logits
 
     def _speak(self, turn: int, logits: torch.Tensor, clock: "_Clock") -> Iterator[Event]:
         reply = _ReplyState(self.tokens.im_end, self.q.max_reply_tokens, self.tokenizer)
         token = self.thinker_sampler(logits)
         yield self._take_token(turn, reply, token)
         clock.mark("first_token")
-        talker_logits, state = self.talker.start_reply(self._assistant_part(reply.ids[0]))
+        talker_logits, state = self.talker.start_reply(self._talker_user_tail,
+                                                       self._assistant_part(reply.ids[0]))
         self.vocoder.reset()
         audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
         while not self._cancel.is_set():

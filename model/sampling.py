@@ -30,6 +30,10 @@ class Sampler:
         self.suppress = suppress  # (k,) long ids that are never chosen
         self.generator = generator
 
+    def graph_safe(self) -> "Sampler":
+        """The same sampler drawing from the default generator, which CUDA graphs can capture."""
+        return Sampler(self.settings, self.suppress, generator=None)
+
     def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         """logits: (vocab,) float; history: (n,) long ids already produced in this reply.
         Returns a 0-d long tensor (no host sync)."""
@@ -51,7 +55,8 @@ class Sampler:
             sorted_scores, order = torch.sort(scores, descending=False)
             cumulative = sorted_scores.softmax(-1).cumsum(-1)
             drop_sorted = cumulative <= (1 - s.top_p)
-            drop_sorted[-1] = False  # always keep the most likely token
+            # Always keep the most likely token (built, not assigned: CUDA graphs forbid the copy).
+            drop_sorted = torch.cat([drop_sorted[:-1], drop_sorted.new_zeros(1)])
             drop = drop_sorted.scatter(0, order, drop_sorted)
             scores = scores.masked_fill(drop, float("-inf"))
         probs = scores.softmax(-1)

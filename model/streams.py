@@ -64,12 +64,13 @@ class EagerStack:
         self.length = 0
 
 
-def make_stack(lm: torch.nn.Module, fast: bool, max_len: int):
-    """The eager stack, or the static-cache one (CUDA graphs on the GPU) when `fast`."""
+def make_stack(lm: torch.nn.Module, fast: bool, max_len: int, export_layer: int | None = None):
+    """The eager stack, or the static-cache one (CUDA graphs on the GPU) when `fast`;
+    `export_layer` is the layer whose states prefills must also return."""
     if fast:
         from .fast import FastStack
 
-        return FastStack(lm, max_len)
+        return FastStack(lm, max_len, export_layer)
     return EagerStack(lm)
 
 
@@ -95,11 +96,12 @@ class _StackUser:
 class ThinkerStream(_StackUser):
     """The thinker's language model plus its embedding and output head."""
 
-    def __init__(self, thinker: torch.nn.Module, fast: bool = False, max_len: int = 16384):
+    def __init__(self, thinker: torch.nn.Module, fast: bool = False, max_len: int = 16384,
+                 export_layer: int | None = None):
         from .listener import thinker_text_model
 
         lm = thinker_text_model(thinker)
-        self.stack = make_stack(lm, fast, max_len)
+        self.stack = make_stack(lm, fast, max_len, export_layer)
         self.head = thinker.lm_head
         self.embed_tokens = lm.embed_tokens
 
@@ -136,6 +138,9 @@ class TalkerStream(_StackUser):
         self.predictor = talker.code_predictor
         self.groups = talker.config.num_code_groups
         self.user_length = 0
+        self._predictor_graph = None
+        device = self.codec_embed.weight.device
+        self._predictor_positions = torch.arange(PREDICTOR_POSITIONS, device=device)
 
     def project_text(self, thinker_embeds: torch.Tensor) -> torch.Tensor:
         """(n, d_thinker) token embeddings -> (n, d_talker)."""
@@ -151,9 +156,12 @@ class TalkerStream(_StackUser):
         self.forward(embeds)
         self.user_length = self.length
 
-    def start_reply(self, embeds: torch.Tensor):
-        """Prefill the assistant part (n, d_talker). Returns (logits (vocab,), last state (d,))."""
-        last, _ = self.forward(embeds)
+    def start_reply(self, user_tail: torch.Tensor, assistant: torch.Tensor):
+        """Prefill the rest of the user part (m, d_talker) and the assistant part (n, d_talker)
+        in one pass. Returns (logits (vocab,), last state (d,))."""
+        assert self.length == self.user_length, "a reply is already under way"
+        last, _ = self.forward(torch.cat([user_tail, assistant]))
+        self.user_length += user_tail.shape[0]
         return self.codec_head(last[-1]), last[-1]
 
     def step(self, embed: torch.Tensor):
@@ -176,12 +184,27 @@ class TalkerStream(_StackUser):
         `sample(logits)` picks each code. Returns (codes (16,) long, summed codec embeddings (d,))
         — the sum is the next talker step's input before the text is added.
         """
+        if not self.fast:
+            return self._residual_codes_eager(talker_state, code0, sample)
+        if self.predictor_stack.device.type != "cuda":
+            return self._residual_codes_fast(talker_state, code0, sample)
+        if self._predictor_graph is None:
+            from .fast import CapturedCall
+
+            graph_sample = sample.graph_safe()
+            self._predictor_graph = CapturedCall(
+                lambda state, code: self._residual_codes_fast(state, code, graph_sample),
+                (talker_state, code0))
+        codes, total = self._predictor_graph(talker_state, code0)
+        return codes.clone(), total.clone()
+
+    def _residual_codes_eager(self, talker_state, code0, sample):
+        """As generate() runs it: prefill (state, code 0), then one code per step."""
         first = self.codec_embed(code0.view(1))  # (1, d)
         embeds = torch.cat([talker_state.view(1, -1), first])  # (2, d)
         stack = self.predictor_stack
         stack.reset()
-        codes = [code0.view(1)]
-        codec_embeds = [first]
+        codes, codec_embeds = [code0.view(1)], [first]
         for group in range(self.groups - 1):
             last, _ = stack.forward(embeds)
             code = sample(self.predictor.lm_head[group](last[-1]))
@@ -189,4 +212,21 @@ class TalkerStream(_StackUser):
             embeds = self.predictor.model.get_input_embeddings()[group](code.view(1))  # (1, d)
             codec_embeds.append(embeds)
         # Summed in one reduction, as generate() does, so float rounding matches too.
+        return torch.cat(codes), torch.cat(codec_embeds).sum(0)
+
+    def _residual_codes_fast(self, talker_state, code0, sample):
+        """The same with every position a single-token step at a device-side position, so the
+        whole frame (16 steps, 15 heads, sampling) can be one CUDA graph."""
+        stack = self.predictor_stack
+        positions = self._predictor_positions
+        first = self.codec_embed(code0.view(1))  # (1, d)
+        stack.step(talker_state.view(1, -1), positions[0], PREDICTOR_POSITIONS)
+        x = first
+        codes, codec_embeds = [code0.view(1)], [first]
+        for group in range(self.groups - 1):
+            last, _ = stack.step(x, positions[group + 1], PREDICTOR_POSITIONS)
+            code = sample(self.predictor.lm_head[group](last[-1]))
+            codes.append(code.view(1))
+            x = self.predictor.model.get_input_embeddings()[group](code.view(1))  # (1, d)
+            codec_embeds.append(x)
         return torch.cat(codes), torch.cat(codec_embeds).sum(0)
