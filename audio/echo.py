@@ -83,3 +83,28 @@ class EchoCanceller:
         self._aec.reset()
         self._mic_tail = np.zeros(0, np.float32)
         self._ref_tail = np.zeros(0, np.float32)
+
+
+def echo_correlation(mic: np.ndarray, reference: np.ndarray, min_reference_rms: float = 1e-4) -> float:
+    """How much `mic` looks like a delayed copy of `reference`: the largest normalised
+    correlation in [0, 1] between `mic` (n,) and any n-sample stretch of `reference` (m,), m >= n.
+
+    Both are float32 at one rate and end at the same instant, so the stretches cover echo delays
+    from 0 to (m - n) samples. A delayed, scaled copy gives ~1 whatever the delay (nothing to
+    converge, so a jump of the echo path delay does not matter); the user's own voice gives a low
+    value. Stretches of `reference` quieter than `min_reference_rms` (silence) are skipped.
+    """
+    n, m = len(mic), len(reference)
+    if n == 0 or m < n:
+        return 0.0
+    size = 1 << (n + m - 1).bit_length()
+    corr = np.fft.irfft(np.fft.rfft(reference.astype(np.float64), size)
+                        * np.conj(np.fft.rfft(mic.astype(np.float64), size)), size)[: m - n + 1]
+    energy = np.concatenate([[0.0], np.cumsum(np.square(reference, dtype=np.float64))])
+    ref_energy = energy[n:] - energy[: m - n + 1]  # energy of each n-sample stretch
+    mic_energy = float(np.sum(np.square(mic, dtype=np.float64)))
+    loud = ref_energy > n * min_reference_rms ** 2
+    if mic_energy == 0.0 or not loud.any():
+        return 0.0
+    return float(np.max(np.abs(corr[loud]) / np.sqrt(ref_energy[loud] * mic_energy)))
+

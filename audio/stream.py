@@ -15,7 +15,9 @@ the microphone); otherwise one stream each.
 
 from __future__ import annotations
 
+import functools
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +31,15 @@ from .resample import StreamResampler
 
 RING_SECONDS_IN = 10.0  # microphone audio buffered before overruns (the reader drains every ~10 ms)
 RING_SECONDS_OUT = 120.0  # reply audio queued ahead of the speaker (the engine is faster than real time)
-DEFAULT_LATENCY_S = 0.035  # PortAudio suggested latency: part of the barge-in bound (flush leaves this)
+DEFAULT_LATENCY_S = 0.035  # PortAudio suggested latency ([audio] stream_latency_ms): what is already
+# inside the device still plays after a barge-in flush, so it is part of the barge-in reaction time
 STALL_TIMEOUT_S = 1.5  # no callback for this long while running = the device is gone
+# ALSA's pulse plugin (how PortAudio reaches PulseAudio/PipeWire on most Linux desktops) sometimes
+# fails the very first poll of a new stream ("ContinuePoll ... failed", seen about 1 open in 10 on
+# PulseAudio null sinks): the stream stops within milliseconds. A reopen works.
+START_ATTEMPTS = 3  # opens tried before giving up on the devices
+START_SETTLE_S = 0.25  # a stream still running with callbacks flowing this long after start is up
+START_POLL_S = 0.01
 
 
 class RingBuffer:
@@ -161,6 +170,7 @@ class AudioIO:
         self.error: str | None = None
         self._streams: list[Any] = []
         self._closing = False
+        self._attempt = 0  # which open of the streams is current (see start)
 
     # ---- PortAudio callbacks: copies only ------------------------------------------------
     def _note_status(self, status: Any) -> None:
@@ -206,8 +216,8 @@ class AudioIO:
         self._note_status(status)
         self._guard(self._output_part, outdata)
 
-    def _finished(self) -> None:
-        if not self._closing and self.error is None:
+    def _finished(self, attempt: int) -> None:
+        if attempt == self._attempt and not self._closing and self.error is None:
             self.error = "the audio stream stopped"
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -219,10 +229,35 @@ class AudioIO:
         self.close()
 
     def start(self) -> None:
-        """Open and start the streams. Raises DuplexError when a device is missing or busy."""
+        """Open and start the streams, reopening those that die at once (up to START_ATTEMPTS).
+        Raises DuplexError when a device is missing, busy, or keeps failing."""
+        for _ in range(START_ATTEMPTS):
+            self._attempt += 1  # a late finished-callback of a closed attempt is ignored
+            self._closing, self.error = False, None
+            self._open()
+            if self._settled():
+                return
+            self.close()
+        raise DuplexError(
+            f"The audio devices '{self.input_device.name}' / '{self.output_device.name}' stopped "
+            f"right after opening, {START_ATTEMPTS} times ({self.error}).",
+            hint="Is another program using them? See `duplex-chat talk --list-devices`.")
+
+    def _settled(self) -> bool:
+        """Wait START_SETTLE_S; True when every stream is still active and none failed."""
+        deadline = time.monotonic() + START_SETTLE_S
+        while time.monotonic() < deadline:
+            if self.error is not None or not all(s.active for s in self._streams):
+                return False
+            time.sleep(START_POLL_S)
+        # No callback yet is not a failure here (slow devices); run()'s stall check covers that.
+        return self.error is None
+
+    def _open(self) -> None:
+        """Open and start the streams once (DuplexError when PortAudio refuses)."""
         sd = self._sd
         common = dict(channels=1, dtype="float32", latency=self.latency,
-                      finished_callback=self._finished)
+                      finished_callback=functools.partial(self._finished, self._attempt))
         try:
             if self.duplex:
                 self._streams = [sd.Stream(

@@ -42,6 +42,7 @@ class AudioSettings:
     output_device: str = field(metadata={})
     echo_cancellation: bool = field(metadata={})
     barge_in: bool = field(metadata={})
+    stream_latency_ms: float = field(metadata=_range(5.0, 500.0))
 
     @property
     def chunk_samples(self) -> int:

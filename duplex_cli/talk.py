@@ -28,7 +28,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, VAD_WINDOW_MS, ms_to_samples
+from duplex_chat.audio.constants import (
+    OUTPUT_SAMPLE_RATE,
+    SAMPLE_RATE,
+    VAD_WINDOW_MS,
+    VAD_WINDOW_SAMPLES,
+    ms_to_samples,
+)
 from duplex_chat.config import DuplexError, Settings
 from duplex_chat.model.events import (
     AudioPacket,
@@ -48,13 +54,22 @@ HISTORY_S = 8.0  # cleaned mic audio kept for the pre-roll of a turn
 WORKER_JOIN_TIMEOUT_S = 5.0  # how long shutdown waits for the model to stop
 OUTPUT_WAIT_S = 0.01  # worker's wait when the output ring is full
 SILENCE_DB = -100.0  # level shown for digital silence
-STALL_TIMEOUT_S = 1.5
-INTERRUPTED_TIMEOUT_S = 1.5
-# Residual-echo gate: with echo cancellation on, a barge-in also needs the cleaned signal to keep
-# at least this share of the raw microphone level over the onset windows. The user's voice over
-# the echo keeps most of its level; echo that AEC3 has not fully learnt yet (e.g. after a delay
-# jump) is still attenuated well below it, and without the gate could fire the VAD.
-ECHO_GATE_DB = -10.0  # after a barge-in with no confirmed turn, go back to listening  # no audio callback for this long = the device is gone
+STALL_TIMEOUT_S = 1.5  # no audio callback for this long = the device is gone
+INTERRUPTED_TIMEOUT_S = 1.5  # after a barge-in with no confirmed turn, go back to listening
+# Echo checks of a barge-in while echo cancellation is on (see TalkSession._barge_in_run):
+# - The onset must not look like the reply itself: its raw microphone samples must correlate less
+#   than ECHO_CORRELATION_MAX with every stretch of what played in the last ECHO_MAX_DELAY_S.
+#   Residual echo that AEC3 lets through after an echo path delay jump (seen after underruns) is
+#   a near-exact delayed copy (~1.0); espeak speech against a spoken reply stays under 0.8.
+# - AEC3 attenuates the user's voice by 10-50 dB while the reply plays if it has not learnt an
+#   echo path (none reaches the mic: a headset with echo cancellation left on, a muted speaker),
+#   which hid barge-ins. So a VAD on the raw microphone may also interrupt, but only when no echo
+#   reaches the mic: over the last ECHO_PROBE_S the raw mic stayed NO_ECHO_DB below the reply.
+ECHO_CORRELATION_MAX = 0.9
+ECHO_MAX_DELAY_S = 1.0  # longest echo path (device latencies + room) the checks consider
+ECHO_PROBE_S = 0.5  # stretch of the reply whose echo must have arrived within ECHO_MAX_DELAY_S
+NO_ECHO_DB = -40.0
+AUDIBLE_REPLY_DB = -45.0  # median window level of the reply above which its echo would show
 
 ConversationFactory = Callable[[Settings], ContextManager[Any]]
 
@@ -110,6 +125,29 @@ class OnsetTap:
     def reset(self) -> None:
         self.vad.reset()
         self.run = 0
+
+
+class RawOnset:
+    """An OnsetTap over a raw stream: cuts it into VAD windows itself (the raw-microphone VAD)."""
+
+    def __init__(self, vad: Any, threshold: float):
+        self.tap = OnsetTap(vad, threshold)
+        self._carry = np.zeros(0, np.float32)
+
+    @property
+    def run(self) -> int:
+        return self.tap.run
+
+    def feed(self, samples: np.ndarray) -> None:
+        data = np.concatenate([self._carry, samples])
+        n = len(data) // VAD_WINDOW_SAMPLES
+        for k in range(n):
+            self.tap.prob(data[k * VAD_WINDOW_SAMPLES:(k + 1) * VAD_WINDOW_SAMPLES])
+        self._carry = data[n * VAD_WINDOW_SAMPLES:]
+
+    def reset(self) -> None:
+        self.tap.reset()
+        self._carry = np.zeros(0, np.float32)
 
 
 class History:
@@ -210,12 +248,21 @@ def _level_db(x: np.ndarray) -> float:
     return max(SILENCE_DB, 20.0 * np.log10(rms + 1e-10))
 
 
+def _median_window_db(x: np.ndarray) -> float:
+    """Median level of the VAD windows of x (n,): robust to a short burst of other sound."""
+    n = len(x) // VAD_WINDOW_SAMPLES
+    if n == 0:
+        return SILENCE_DB
+    return float(np.median([_level_db(w) for w in x[:n * VAD_WINDOW_SAMPLES].reshape(n, -1)]))
+
+
 # ---- the session ------------------------------------------------------------------------------
 class TalkSession:
     """One talk session's control loop (see the module docstring for the threads)."""
 
     def __init__(self, settings: Settings, conversation: Any, io: Any, view: TalkView,
-                 recorder: SessionRecorder | None, vad_model: Any = None):
+                 recorder: SessionRecorder | None, vad_model: Any = None,
+                 raw_vad_model: Any = None):
         from duplex_chat.audio.vad import SileroVad, SpeechEnded, SpeechStarted, VoiceActivity
 
         self._SpeechStarted, self._SpeechEnded = SpeechStarted, SpeechEnded
@@ -224,14 +271,19 @@ class TalkSession:
         self.tap = OnsetTap(vad_model if vad_model is not None else SileroVad(), settings.vad.threshold)
         self.vad = VoiceActivity(settings.vad, self.tap)
         self.history = History()
-        self.raw_history = History(seconds=1.0)  # raw mic, same timeline, for the echo gate
         self.gate = ReplyGate()
         self.worker = Worker(conversation, io, self.gate)
         self.echo = None
+        self.raw_onset: RawOnset | None = None  # raw-mic VAD, run during replies (AEC on only)
         if settings.audio.echo_cancellation:
             from duplex_chat.audio.echo import EchoCanceller
 
             self.echo = EchoCanceller(delay_ms=1000.0 * sum(io.latency_s))
+            self.raw_onset = RawOnset(raw_vad_model if raw_vad_model is not None else SileroVad(),
+                                      settings.vad.threshold)
+        echo_span_s = ECHO_MAX_DELAY_S + ECHO_PROBE_S + 0.1
+        self.raw_history = History(seconds=echo_span_s)  # raw mic, for the echo checks
+        self.played_history = History(seconds=echo_span_s)  # what played, mic's clock
         self.turn_start: int | None = None  # absolute start of the open user turn (with pre-roll)
         self.fed_upto = 0
         self.reply: ReplyProgress | None = None
@@ -253,10 +305,13 @@ class TalkSession:
         if len(mic):
             self.view.set_level(_level_db(mic))
         self.history.append(clean)
-        self.raw_history.append(mic[:len(clean)])
+        self.raw_history.append(mic)
+        self.played_history.append(played16)
         events = self.vad.feed(clean)
-        if self.tap.run >= BARGE_IN_WINDOWS and self.reply is not None and self._not_echo():
-            self._barge_in()
+        if self.reply is not None:
+            run = self._barge_in_run(mic)
+            if run >= BARGE_IN_WINDOWS:
+                self._barge_in(run)
         for event in events:
             if isinstance(event, self._SpeechStarted):
                 self._speech_started(event)
@@ -274,16 +329,42 @@ class TalkSession:
         c = self.io.counters
         self.view.set_underruns(c.underruns + c.output_underflows)
 
-    def _not_echo(self) -> bool:
-        """The residual-echo gate (always passes without echo cancellation)."""
-        if self.echo is None:
-            return True
-        span = BARGE_IN_WINDOWS * int(VAD_WINDOW_MS * SAMPLE_RATE / 1000)
-        raw = _level_db(self.raw_history.since(self.raw_history.total - span))
-        clean = _level_db(self.history.since(self.history.total - span))
-        return clean - raw >= ECHO_GATE_DB
+    def _barge_in_run(self, raw: np.ndarray) -> int:
+        """Consecutive speech windows that count for a barge-in now (0 when they are echo)."""
+        run = self.tap.run  # VAD on the echo-cancelled signal
+        if self.raw_onset is None or not self.settings.audio.barge_in:
+            return run  # headphones: no echo to tell apart (or _barge_in ignores it anyway)
+        self.raw_onset.feed(raw)
+        if self.raw_onset.run >= BARGE_IN_WINDOWS and run < BARGE_IN_WINDOWS and self._no_echo_path():
+            run = self.raw_onset.run
+        return run if run >= BARGE_IN_WINDOWS and not self._onset_is_echo() else 0
 
-    def _barge_in(self) -> None:
+    def _onset_is_echo(self) -> bool:
+        """The onset windows' raw samples are a delayed copy of what played (see ECHO_CORRELATION_MAX)."""
+        from duplex_chat.audio.echo import echo_correlation
+
+        span = BARGE_IN_WINDOWS * VAD_WINDOW_SAMPLES
+        mic = self.raw_history.since(self.raw_history.total - span)
+        played = self.played_history.since(
+            self.played_history.total - span - int(ECHO_MAX_DELAY_S * SAMPLE_RATE))
+        return echo_correlation(mic, played) >= ECHO_CORRELATION_MAX
+
+    def _no_echo_path(self) -> bool:
+        """The reply was audible ECHO_MAX_DELAY_S + ECHO_PROBE_S ago, yet the raw mic stayed
+        NO_ECHO_DB under it since: no echo reaches the microphone (see NO_ECHO_DB)."""
+        span = BARGE_IN_WINDOWS * VAD_WINDOW_SAMPLES
+        probe = int(ECHO_PROBE_S * SAMPLE_RATE)
+        reach = probe + int(ECHO_MAX_DELAY_S * SAMPLE_RATE)
+        end = self.played_history.total - span
+        played = self.played_history.since(end - reach)[:probe]
+        mic_end = self.raw_history.total - span
+        mic = self.raw_history.since(mic_end - reach)[:reach]
+        if len(played) < probe or len(mic) < reach:
+            return False  # too early in the session to tell
+        reply_db = _median_window_db(played)
+        return reply_db >= AUDIBLE_REPLY_DB and _median_window_db(mic) <= reply_db + NO_ECHO_DB
+
+    def _barge_in(self, run: int) -> None:
         if not self.settings.audio.barge_in:
             return
         reply = self.reply
@@ -292,7 +373,7 @@ class TalkSession:
             self.gate.generation += 1
             heard = self.io.flush()
         self.conversation.cancel(heard)
-        onset = self.history.total - self.tap.run * VAD_WINDOW_MS * SAMPLE_RATE / 1000.0
+        onset = self.history.total - run * VAD_WINDOW_SAMPLES
         self.barge_onset = int(onset)
         self.interrupted_time = time.monotonic()
         self.note("barge_in", heard_samples=heard, onset_sample=int(onset),
@@ -325,6 +406,8 @@ class TalkSession:
         in_latency = self.io.latency_s[0]
         since_end = (self.history.total - event.sample_index) / SAMPLE_RATE
         self.reply = ReplyProgress(self.gate.generation, time.monotonic() - since_end - in_latency)
+        if self.raw_onset is not None:
+            self.raw_onset.reset()  # it hears only replies: start each from a clean state
         with self.gate.lock:
             self.io.begin_reply()  # before end_turn is queued: played samples count from here
         self.turn_start = None
@@ -438,7 +521,7 @@ def talk_session(settings: Settings, conversation_factory: ConversationFactory, 
     try:
         with contextlib.ExitStack() as stack:
             conversation = stack.enter_context(conversation_factory(settings))
-            io = stack.enter_context(AudioIO(inp, out))
+            io = stack.enter_context(AudioIO(inp, out, settings.audio.stream_latency_ms / 1000.0))
             stack.enter_context(view)
             _session_loop(settings, conversation, io, view, recorder, stop, vad_model)
     finally:

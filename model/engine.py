@@ -83,12 +83,12 @@ class StreamingConversation:
         self.talker = TalkerStream(model.talker, fast, thinker_len + self.max_frames + 16)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
         self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
-        if fast and self.device.type == "cuda":
-            self._capture_graphs()
         self.speaker_id = self._speaker_id(self.q.voice)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         self._samplers(generator)
+        if fast and self.device.type == "cuda":
+            self._capture_graphs()
         self._cancel = threading.Event()
         self._heard_samples = 0
         self.max_context = self.q.max_context_tokens
@@ -146,6 +146,14 @@ class StreamingConversation:
         with torch.inference_mode():
             self.thinker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
             self.talker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
+            vocab = self.talker.codec_head.out_features
+            logits = torch.zeros(vocab, device=self.device, dtype=self.bundle.dtype)
+            state = torch.zeros(self.talker.codec_head.in_features, device=self.device,
+                                dtype=self.bundle.dtype)
+            self.talker.frame(logits, state, self.talker_sampler, self.predictor_sampler)
+            for frames in (self.q.first_packet_frames, self.q.packet_frames):
+                self.vocoder.push(torch.zeros(16, frames, dtype=torch.long, device=self.device))
+            self.vocoder.reset()
 
     @property
     def last_codes(self) -> torch.Tensor:
@@ -230,12 +238,14 @@ class StreamingConversation:
         self.vocoder.reset()
         audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
         while not self._cancel.is_set():
+            if audio.frames >= self.max_frames:
+                break
             with clock.timed("talker"):
-                code0 = self.talker_sampler(talker_logits, audio.code0_history(self.device))
-                if int(code0) == self.codec_eos or audio.frames >= self.max_frames:
+                codes, codec_sum = self.talker.frame(talker_logits, state, self.talker_sampler,
+                                                     self.predictor_sampler)
+                if int(codes[0]) == self.codec_eos:  # the one host sync per frame
                     break
-                codes, codec_sum = self.talker.residual_codes(state, code0, self.predictor_sampler)
-            audio.add(codes, code0)
+            audio.add(codes)
             clock.mark("first_frame")
             if audio.packet_due():
                 with clock.timed("vocoder"):
@@ -414,20 +424,14 @@ class _AudioOut:
         self.first, self.every = first_packet_frames, packet_frames
         self.pending: list[torch.Tensor] = []  # (16,) codes per frame, not yet voiced
         self.all_codes: list[torch.Tensor] = []
-        self.code0: list[torch.Tensor] = []
         self.frames = 0  # frames made so far
         self.samples = 0  # samples emitted so far
         self.packets = 0
 
-    def add(self, codes: torch.Tensor, code0: torch.Tensor) -> None:
+    def add(self, codes: torch.Tensor) -> None:
         self.pending.append(codes)
         self.all_codes.append(codes)
-        self.code0.append(code0.view(1))
         self.frames += 1
-
-    def code0_history(self, device) -> torch.Tensor:
-        """(n,) codebook-0 ids so far: what the talker's repetition penalty looks at."""
-        return torch.cat(self.code0) if self.code0 else torch.empty(0, dtype=torch.long, device=device)
 
     def packet_due(self) -> bool:
         return len(self.pending) >= (self.first if self.packets == 0 else self.every)

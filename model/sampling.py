@@ -34,15 +34,20 @@ class Sampler:
         """The same sampler drawing from the default generator, which CUDA graphs can capture."""
         return Sampler(self.settings, self.suppress, generator=None)
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
-        """logits: (vocab,) float; history: (n,) long ids already produced in this reply.
-        Returns a 0-d long tensor (no host sync)."""
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor | None = None,
+                 seen: torch.Tensor | None = None) -> torch.Tensor:
+        """logits: (vocab,) float. The repetition penalty looks at ids already produced in this
+        reply, given as `history` (n,) long or as a `seen` (vocab,) bool mask (same result;
+        the mask has a fixed shape, for CUDA graphs). Returns a 0-d long tensor (no host sync)."""
         s = self.settings
         scores = logits.float()
-        if s.repetition_penalty != 1.0 and history is not None and history.numel():
-            seen = scores.gather(0, history)
-            seen = torch.where(seen < 0, seen * s.repetition_penalty, seen / s.repetition_penalty)
-            scores = scores.scatter(0, history, seen)
+        if s.repetition_penalty != 1.0:
+            penalized = torch.where(scores < 0, scores * s.repetition_penalty,
+                                    scores / s.repetition_penalty)
+            if seen is not None:
+                scores = torch.where(seen, penalized, scores)
+            elif history is not None and history.numel():
+                scores = scores.scatter(0, history, penalized.gather(0, history))
         if self.suppress is not None:
             scores = scores.index_fill(0, self.suppress, float("-inf"))
         if s.greedy or s.temperature == 0.0:

@@ -138,9 +138,10 @@ class TalkerStream(_StackUser):
         self.predictor = talker.code_predictor
         self.groups = talker.config.num_code_groups
         self.user_length = 0
-        self._predictor_graph = None
+        self._frame_graph = None
         device = self.codec_embed.weight.device
         self._predictor_positions = torch.arange(PREDICTOR_POSITIONS, device=device)
+        self._seen = torch.zeros(self.codec_head.out_features, dtype=torch.bool, device=device)
 
     def project_text(self, thinker_embeds: torch.Tensor) -> torch.Tensor:
         """(n, d_thinker) token embeddings -> (n, d_talker)."""
@@ -160,6 +161,7 @@ class TalkerStream(_StackUser):
         """Prefill the rest of the user part (m, d_talker) and the assistant part (n, d_talker)
         in one pass. Returns (logits (vocab,), last state (d,))."""
         assert self.length == self.user_length, "a reply is already under way"
+        self._seen.zero_()
         last, _ = self.forward(torch.cat([user_tail, assistant]))
         self.user_length += user_tail.shape[0]
         return self.codec_head(last[-1]), last[-1]
@@ -177,6 +179,31 @@ class TalkerStream(_StackUser):
         self.stack.reset()
         self.user_length = 0
 
+    def frame(self, logits: torch.Tensor, state: torch.Tensor, talker_sample, predictor_sample):
+        """One codec frame: codebook 0 from the talker's logits (vocab,), then codebooks 1..15
+        from the code predictor. Returns (codes (16,) long, summed codec embeddings (d,)).
+        On CUDA (fast) the whole frame is one graph replay; the repetition penalty's memory of
+        this reply's codes is a mask (`_seen`), cleared by `start_reply`."""
+        if not (self.fast and self.predictor_stack.device.type == "cuda"):
+            code0 = talker_sample(logits, seen=self._seen)
+            self._seen[code0] = True
+            return self.residual_codes(state, code0, predictor_sample)
+        if self._frame_graph is None:
+            from .fast import CapturedCall
+
+            pick0, pick = talker_sample.graph_safe(), predictor_sample.graph_safe()
+
+            def frame(logits, state):
+                code0 = pick0(logits, seen=self._seen)
+                self._seen.index_fill_(0, code0.view(1), True)
+                return self._residual_codes_fast(state, code0, pick)
+
+            seen = self._seen.clone()
+            self._frame_graph = CapturedCall(frame, (logits, state))
+            self._seen.copy_(seen)  # warm-up and capture runs marked codes as seen
+        codes, total = self._frame_graph(logits, state)
+        return codes.clone(), total.clone()
+
     def residual_codes(self, talker_state: torch.Tensor, code0: torch.Tensor, sample) -> tuple:
         """Codebooks 1..15 of a frame from the talker state (d,) and codebook 0 (0-d long).
 
@@ -186,17 +213,7 @@ class TalkerStream(_StackUser):
         """
         if not self.fast:
             return self._residual_codes_eager(talker_state, code0, sample)
-        if self.predictor_stack.device.type != "cuda":
-            return self._residual_codes_fast(talker_state, code0, sample)
-        if self._predictor_graph is None:
-            from .fast import CapturedCall
-
-            graph_sample = sample.graph_safe()
-            self._predictor_graph = CapturedCall(
-                lambda state, code: self._residual_codes_fast(state, code, graph_sample),
-                (talker_state, code0))
-        codes, total = self._predictor_graph(talker_state, code0)
-        return codes.clone(), total.clone()
+        return self._residual_codes_fast(talker_state, code0, sample)
 
     def _residual_codes_eager(self, talker_state, code0, sample):
         """As generate() runs it: prefill (state, code 0), then one code per step."""

@@ -297,8 +297,10 @@ class _SlidingTransformer:
 class _Captured:
     """One CUDA graph of a push of a fixed number of frames, with its static input and output."""
 
-    def __init__(self, codes: torch.Tensor, graph: torch.cuda.CUDAGraph, wav: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, graph: torch.cuda.CUDAGraph, wav: torch.Tensor,
+                 drops_after: tuple[int, ...]):
         self.codes, self.graph, self.wav = codes, graph, wav
+        self.drops_after = drops_after  # each transposed conv's start drop after this push
 
 
 class StreamingVocoder:
@@ -311,9 +313,9 @@ class StreamingVocoder:
 
     Works with the module in any dtype and on any device, inside or outside
     `torch.inference_mode`; the wrapped module is only read. With `cuda_graphs=True` (CUDA only),
-    every push after an utterance's first is replayed from a CUDA graph captured once per packet
-    size (the first push of a new size pays the capture, tens of milliseconds); the first push of
-    each utterance always runs eagerly, since it is the one that drops the trimmed start.
+    every push is replayed from a CUDA graph captured once per packet size (and once more per
+    size for an utterance's first push, which drops the trimmed start); the first push of a new
+    kind pays the capture, tens of milliseconds.
     """
 
     def __init__(self, code2wav: nn.Module, cuda_graphs: bool = False):
@@ -360,7 +362,7 @@ class StreamingVocoder:
         if n_frames == 0:
             return torch.zeros(0, dtype=torch.float32, device=self._device)
         codes = codes.to(device=self._device, dtype=torch.long)
-        if self._cuda_graphs and all(stage.to_drop == 0 for stage in self._trans_convs):
+        if self._cuda_graphs:
             wav = self._replay(codes)
         else:
             wav = self._decode(codes)
@@ -396,17 +398,25 @@ class StreamingVocoder:
         return hidden.clamp(min=WAV_MIN, max=WAV_MAX)[0, 0].float()
 
     def _replay(self, codes: torch.Tensor) -> torch.Tensor:
-        captured = self._graphs.get(codes.shape[1])
+        """A captured push. The first push of an utterance (which drops the trimmed start, a
+        shape of its own) has graphs of its own; the drop counters are host state that a
+        replay does not update, so they are set as the eager push would leave them."""
+        drops = tuple(stage.to_drop for stage in self._trans_convs)
+        key = (codes.shape[1], drops)
+        captured = self._graphs.get(key)
         if captured is None:
-            captured = self._graphs[codes.shape[1]] = self._capture(codes)
+            captured = self._graphs[key] = self._capture(codes)
         captured.codes.copy_(codes)
         captured.graph.replay()
+        for stage, after in zip(self._trans_convs, captured.drops_after):
+            stage.to_drop = after
         return captured.wav.clone()
 
     def _capture(self, codes: torch.Tensor) -> _Captured:
         """Capture `_decode` for this packet size; the state is left as it was."""
         state = self._state_buffers()
         saved = [buffer.clone() for buffer in state]
+        drops = [stage.to_drop for stage in self._trans_convs]
         static_codes = _new_state(tuple(codes.shape), codes)
         static_codes.copy_(codes)
         side = torch.cuda.Stream(device=self._device)
@@ -415,11 +425,16 @@ class StreamingVocoder:
             self._decode(static_codes)  # warm-up: lazy inits, cuDNN/cuBLAS handles and workspaces
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
+        for stage, drop in zip(self._trans_convs, drops):
+            stage.to_drop = drop
         with torch.cuda.graph(graph):
             wav = self._decode(static_codes)
+        drops_after = tuple(stage.to_drop for stage in self._trans_convs)
         for buffer, value in zip(state, saved):
             buffer.copy_(value)
-        return _Captured(static_codes, graph, wav)
+        for stage, drop in zip(self._trans_convs, drops):
+            stage.to_drop = drop
+        return _Captured(static_codes, graph, wav, drops_after)
 
     def _state_buffers(self) -> list[torch.Tensor]:
         """Every tensor a push updates in place."""

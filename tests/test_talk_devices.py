@@ -115,14 +115,7 @@ def _onset_after(mic: np.ndarray, start: int, threshold: float = 0.02) -> int:
     return start + int(loud[0]) * 160
 
 
-# Known flaky (about 1 run in 3 here): through the virtual loopback the echo path delay jumps when
-# ALSA's pulse plugin recovers from underruns, and AEC3 re-converges too slowly to stop every
-# self-interruption, even with the residual-echo gate. Kept visible as a non-strict xfail.
-AEC_FLAKY = pytest.mark.xfail(strict=False, reason="echo path delay jumps on the virtual loopback")
-
-
-@pytest.mark.parametrize("echo_cancellation", [pytest.param(True, marks=AEC_FLAKY), False],
-                         ids=["aec", "headphones"])
+@pytest.mark.parametrize("echo_cancellation", [True, False], ids=["aec", "headphones"])
 def test_echo_of_reply_triggers_barge_in_only_without_aec(vaudio, tmp_path, echo_cancellation):
     question = espeak("What time is it?")
     spoken_reply = espeak("It is a quarter past three in the afternoon, and the sun is still up.",
