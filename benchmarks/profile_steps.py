@@ -53,8 +53,14 @@ def main() -> None:
                                                      ProfilerActivity.CUDA]) as prof:
         conv.thinker.prefill(audio, hidden_layer=conv.accept_layer)
     conv.thinker.crop(start)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=15))
+    conv.feed(bench.synthetic_voice(3.0, 11))
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in conv.end_turn():
+            pass
+    print("one reply (8 tokens, 20 frames):")
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
     prof.export_chrome_trace(os.path.join(out, "trace.json"))
 
 

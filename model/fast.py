@@ -70,8 +70,9 @@ def moe_dense(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
     return torch.einsum("ne,enh->nh", dense, out)
 
 
-def _dense_mlp(x, gate, up, down):
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def _dense_mlp(x, gate_up, down):
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
 
 
 def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, dense_moe: bool):
@@ -81,9 +82,10 @@ def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, 
     same shapes."""
     n, hd = x.shape[0], keys.shape[-1]
     h = _rms(x, w["ln1"], w["eps"])
-    q = _rms(F.linear(h, w["wq"]).view(n, -1, hd), w["qn"], w["eps"]).transpose(0, 1)
-    k = _rms(F.linear(h, w["wk"]).view(n, -1, hd), w["kn"], w["eps"]).transpose(0, 1)
-    v = F.linear(h, w["wv"]).view(n, -1, hd).transpose(0, 1)  # (Hkv, n, hd)
+    q, k, v = F.linear(h, w["wqkv"]).split(w["qkv_split"], dim=-1)
+    q = _rms(q.reshape(n, -1, hd), w["qn"], w["eps"]).transpose(0, 1)  # (Hq, n, hd)
+    k = _rms(k.reshape(n, -1, hd), w["kn"], w["eps"]).transpose(0, 1)  # (Hkv, n, hd)
+    v = v.reshape(n, -1, hd).transpose(0, 1)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
     keys.index_copy_(1, positions, k)
@@ -98,21 +100,38 @@ def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, 
         out = moe(h, w["router"], w["w_gate_up"], w["w_down"], w["top_k"], w["norm_topk"])
         if "shared_gate" in w:
             out = out + torch.sigmoid(F.linear(h, w["shared_gate"])) * _dense_mlp(
-                h, w["s_gate"], w["s_up"], w["s_down"])
+                h, w["s_gate_up"], w["s_down"])
     else:
-        out = _dense_mlp(h, w["m_gate"], w["m_up"], w["m_down"])
+        out = _dense_mlp(h, w["m_gate_up"], w["m_down"])
     return x + out
 
 
+def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
+    """One weight for several linears that read the same input: (sum of outputs, in).
+
+    The modules' own weights become views into it, so the model (and transformers' eager
+    path) keeps working and no memory is spent twice."""
+    fused = torch.cat([m.weight.detach() for m in linears])
+    row = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = torch.nn.Parameter(fused[row:row + rows], requires_grad=False)
+        row += rows
+    return fused
+
+
 def _layer_tensors(layer: torch.nn.Module) -> dict:
-    """The weights `decode_layer` needs, by name (references, not copies)."""
+    """The weights `run_layer` needs, by name. Linears that share an input are fused into one
+    GEMV (q/k/v; gate/up), because at one token each kernel costs its launch, not its bytes."""
     attn, mlp = layer.self_attn, layer.mlp
     if any(p.bias is not None for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj)):
         raise NotImplementedError("attention biases are not used by Qwen3-Omni")
     w = {
         "ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight,
         "eps": layer.input_layernorm.variance_epsilon,
-        "wq": attn.q_proj.weight, "wk": attn.k_proj.weight, "wv": attn.v_proj.weight,
+        "wqkv": _fuse(attn.q_proj, attn.k_proj, attn.v_proj),
+        "qkv_split": (attn.q_proj.out_features, attn.k_proj.out_features,
+                      attn.v_proj.out_features),
         "wo": attn.o_proj.weight, "qn": attn.q_norm.weight, "kn": attn.k_norm.weight,
         "scaling": attn.scaling,
     }
@@ -122,10 +141,10 @@ def _layer_tensors(layer: torch.nn.Module) -> dict:
                  norm_topk=mlp.gate.norm_topk_prob)
         if getattr(mlp, "shared_expert", None) is not None:
             se = mlp.shared_expert
-            w.update(shared_gate=mlp.shared_expert_gate.weight, s_gate=se.gate_proj.weight,
-                     s_up=se.up_proj.weight, s_down=se.down_proj.weight)
+            w.update(shared_gate=mlp.shared_expert_gate.weight,
+                     s_gate_up=_fuse(se.gate_proj, se.up_proj), s_down=se.down_proj.weight)
     else:
-        w.update(m_gate=mlp.gate_proj.weight, m_up=mlp.up_proj.weight, m_down=mlp.down_proj.weight)
+        w.update(m_gate_up=_fuse(mlp.gate_proj, mlp.up_proj), m_down=mlp.down_proj.weight)
     return w
 
 

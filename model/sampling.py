@@ -40,29 +40,43 @@ class Sampler:
         reply, given as `history` (n,) long or as a `seen` (vocab,) bool mask (same result;
         the mask has a fixed shape, for CUDA graphs). Returns a 0-d long tensor (no host sync)."""
         s = self.settings
+        scores = self._penalized(logits, seen, history)
+        if s.greedy or s.temperature == 0.0:
+            return scores.argmax()
+        values, ids = self._candidates(scores)
+        return ids[torch.multinomial(values.softmax(-1), 1, generator=self.generator)[0]]
+
+    def probabilities(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
+        """The distribution `__call__` draws from when sampling, over the whole vocabulary."""
+        values, ids = self._candidates(self._penalized(logits, seen))
+        return torch.zeros_like(logits, dtype=torch.float).scatter(0, ids, values.softmax(-1))
+
+    def _penalized(self, logits, seen=None, history=None) -> torch.Tensor:
+        """Repetition penalty and suppressed ids, as float32 scores (vocab,)."""
+        p = self.settings.repetition_penalty
         scores = logits.float()
-        if s.repetition_penalty != 1.0:
-            penalized = torch.where(scores < 0, scores * s.repetition_penalty,
-                                    scores / s.repetition_penalty)
+        if p != 1.0:
+            penalized = torch.where(scores < 0, scores * p, scores / p)
             if seen is not None:
                 scores = torch.where(seen, penalized, scores)
             elif history is not None and history.numel():
                 scores = scores.scatter(0, history, penalized.gather(0, history))
         if self.suppress is not None:
             scores = scores.index_fill(0, self.suppress, float("-inf"))
-        if s.greedy or s.temperature == 0.0:
-            return scores.argmax()
+        return scores
+
+    def _candidates(self, scores: torch.Tensor):
+        """Temperature, top-k and top-p: (scores (n,) in descending order, -inf where dropped;
+        their ids (n,)). With top-k only the k survivors are kept, already sorted by topk."""
+        s = self.settings
         scores = scores / s.temperature
         if s.top_k and s.top_k < scores.numel():
-            kth = torch.topk(scores, s.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
+            values, ids = torch.topk(scores, s.top_k)
+        else:
+            values, ids = torch.sort(scores, descending=True)
         if s.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, descending=False)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            drop_sorted = cumulative <= (1 - s.top_p)
-            # Always keep the most likely token (built, not assigned: CUDA graphs forbid the copy).
-            drop_sorted = torch.cat([drop_sorted[:-1], drop_sorted.new_zeros(1)])
-            drop = drop_sorted.scatter(0, order, drop_sorted)
-            scores = scores.masked_fill(drop, float("-inf"))
-        probs = scores.softmax(-1)
-        return torch.multinomial(probs, 1, generator=self.generator)[0]
+            probs = values.softmax(-1)
+            before = probs.cumsum(-1) - probs  # mass of the strictly more likely tokens
+            # Keep the smallest prefix holding top_p of the mass, as transformers' TopP does.
+            values = values.masked_fill(before >= s.top_p, float("-inf"))
+        return values, ids
