@@ -55,14 +55,19 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
     }
     summary, _ = bench.engine_benchmark(bundle, settings, turns=turns, warmup=2, user_s=user_s)
     report["engine"] = summary
+    short = settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
     if verify:
         err.print("[dim]verifying the fast path against the eager path (greedy)[/]")
-        short = settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
         report["verify"] = bench.verify(bundle, short, user_s=5.0)
     if baseline:
         err.print("[dim]stock generate() baseline (one turn)[/]")
         report["stock"] = bench.stock_benchmark(bundle, settings.replace(
             "qwen", max_reply_seconds=8.0, max_reply_tokens=32), user_s=5.0)
+    if verify and random_weights:
+        err.print("[dim]the same in float32 on a 4-layer model of the full shapes[/]")
+        del bundle
+        torch.cuda.empty_cache()
+        report["verify_float32"] = bench.verify_float32(short)
     if json_out:
         print(json.dumps(report))
     else:
@@ -101,13 +106,14 @@ def render(console: Console, report: dict) -> None:
                                                   "first_frame", "first_packet") if k in stages]
     if marks:
         console.print("end of turn → " + ", ".join(marks))
-    if "verify" in report:
-        v = report["verify"]
-        console.print(
-            f"fast vs eager (greedy): identical tokens for {v['tokens_identical_prefix']}/"
-            f"{v['tokens_compared']}, identical frames for {v['frames_identical_prefix']}/"
-            f"{v['frames_compared']}, codes agreeing {100 * v['code_agreement']:.1f}%"
-        )
+    for key, label in (("verify", "fast vs eager, bf16"),
+                       ("verify_float32", "fast vs eager, float32, 4 layers")):
+        if key in report:
+            v = report[key]
+            console.print(
+                f"{label} (greedy): identical tokens for {v['tokens_identical_prefix']}/"
+                f"{v['tokens_compared']}, identical frames for {v['frames_identical_prefix']}/"
+                f"{v['frames_compared']}, codes agreeing {100 * v['code_agreement']:.1f}%")
 
 
 def _fmt(value: float) -> str:

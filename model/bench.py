@@ -46,8 +46,11 @@ def synthetic_voice(seconds: float, seed: int) -> np.ndarray:
     return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
 
-def random_weights_bundle(device: torch.device, dtype: torch.dtype) -> ModelBundle:
-    """The full-size model from the release config with random weights, vision tower left out."""
+def random_weights_bundle(device: torch.device, dtype: torch.dtype,
+                          layers: int | None = None) -> ModelBundle:
+    """The full-size model from the release config with random weights, vision tower left out.
+    `layers` keeps only that many decoder layers in the thinker and the talker (same shapes
+    otherwise), for float32 checks that must fit in memory."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
     from .loading import _drop_vision
@@ -55,7 +58,12 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype) -> ModelBund
     from .tiny import build_tiny_tokenizer
 
     started = time.perf_counter()
-    config = Qwen3OmniMoeConfig(**release_config_dict())
+    raw = release_config_dict()
+    if layers is not None:
+        raw["thinker_config"]["text_config"]["num_hidden_layers"] = layers
+        raw["talker_config"]["text_config"]["num_hidden_layers"] = layers
+        raw["talker_config"]["accept_hidden_layer"] = layers // 2
+    config = Qwen3OmniMoeConfig(**raw)
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
@@ -155,6 +163,23 @@ def stock_benchmark(bundle: ModelBundle, settings: Settings, user_s: float) -> d
         "reply_audio_s": result.reply_audio_s,
         "peak_gib": result.peak_gib,
     }
+
+
+def verify_float32(settings: Settings, layers: int = 4) -> dict:
+    """The fast path (static cache, compiled steps, CUDA graphs) against the eager path in
+    float32, on the full-size shapes with `layers` decoder layers: there the two must agree
+    exactly, so any bf16 disagreement on the full model is rounding, not a bug."""
+    device = torch.device("cuda:0")
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        bundle = random_weights_bundle(device, torch.float32, layers=layers)
+        result = verify(bundle, settings, user_s=5.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+    del bundle
+    torch.cuda.empty_cache()
+    return result
 
 
 def verify(bundle: ModelBundle, settings: Settings, user_s: float) -> dict:

@@ -44,7 +44,8 @@ class Sampler:
         if s.greedy or s.temperature == 0.0:
             return scores.argmax()
         values, ids = self._candidates(scores)
-        return ids[torch.multinomial(values.softmax(-1), 1, generator=self.generator)[0]]
+        choice = torch.multinomial(values.softmax(-1), 1, generator=self.generator)  # (1,)
+        return ids.index_select(0, choice)[0]  # not ids[tensor]: that would sync with the host
 
     def probabilities(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         """The distribution `__call__` draws from when sampling, over the whole vocabulary."""

@@ -24,6 +24,11 @@ from duplex_chat.config import load_settings
 
 TEST_RATE = 24_000  # Hz of the test's own stream
 SESSION_START_TIMEOUT_S = 20.0
+# The test's own stream meets the same start-up failure of ALSA's pulse plugin as the app's
+# (audio/stream.py START_ATTEMPTS): it may stop within milliseconds of starting; reopen it.
+TEST_STREAM_ATTEMPTS = 3
+TEST_STREAM_SETTLE_S = 0.25
+SCRIPT_MARGIN_S = 10.0  # the script must have played by its length plus this
 
 
 def espeak(text: str, voice: str = "en", gain: float = 0.8) -> np.ndarray:
@@ -109,16 +114,41 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
         recorded[p:p + n] = indata[:n, 0]
         pos[0] = p + frames
 
-    with sd.Stream(device=("virtspk_mon", "mic_feed"), samplerate=TEST_RATE, channels=1,
-                   callback=callback, latency="low" if echo_gain else "high"):
+    def rewind() -> None:  # a failed start may have run a few callbacks
+        pos[0] = 0
+        recorded[:] = 0.0
+
+    stream = _open_test_stream(sd, callback, "low" if echo_gain else "high", rewind)
+    try:
         if during is not None:
             during(thread)
+        deadline = time.monotonic() + len(script) / TEST_RATE + SCRIPT_MARGIN_S
         while pos[0] < len(script) and thread.is_alive():
+            if not stream.active or time.monotonic() > deadline:
+                stop.set()
+                raise AssertionError(f"the test's own audio stream stopped at {pos[0] / TEST_RATE:.2f} s")
             time.sleep(0.02)
+    finally:
+        stream.close()
     stop.set()
     thread.join(15)
     assert not thread.is_alive(), "talk session did not stop"
     return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None)
+
+
+def _open_test_stream(sd, callback, latency, rewind):
+    """The test's duplex stream (speaker monitor in, microphone feed out), started and settled;
+    `rewind()` restarts the script before each new attempt."""
+    for _ in range(TEST_STREAM_ATTEMPTS):
+        rewind()
+        stream = sd.Stream(device=("virtspk_mon", "mic_feed"), samplerate=TEST_RATE, channels=1,
+                           callback=callback, latency=latency)
+        stream.start()
+        time.sleep(TEST_STREAM_SETTLE_S)
+        if stream.active:
+            return stream
+        stream.close()
+    raise AssertionError(f"the test's audio stream stopped right after starting, {TEST_STREAM_ATTEMPTS} times")
 
 
 def find_signal(recording: np.ndarray, reference: np.ndarray) -> tuple[int, float]:

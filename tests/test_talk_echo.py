@@ -52,3 +52,23 @@ def test_echo_removed_and_double_talk_kept(available, delay_ms):
     assert _db(out[settled]) < _db(mic[settled]) - 25
     talk = slice(4 * RATE + 320, 5 * RATE)
     assert _db(out[talk]) > _db(user[talk]) - 8  # the user's voice survives (measured ~5 dB lower)
+
+
+def test_echo_correlation_tells_a_delayed_copy_from_the_user():
+    """The barge-in echo check: the reply's own echo is ~1 at any delay, the user's voice is not."""
+    from duplex_chat.audio.echo import echo_correlation
+
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    played = _speech("It is a quarter past three in the afternoon.", "en+m3", 3.0)
+    user = _speech("Stop, stop, wait a moment.", "en+f3", 1.0)
+    span = 1024  # the two 32 ms windows of a barge-in onset
+    end = 2 * RATE
+    reference = played[end - RATE:end]  # 1 s of echo delays
+    for delay_ms in (0, 250, 700):
+        d = delay_ms * RATE // 1000
+        echo = 0.3 * played[end - d - span:end - d]
+        assert echo_correlation(echo, reference) > 0.99
+    voiced = user[int(0.3 * RATE):int(0.3 * RATE) + span]
+    assert echo_correlation(voiced, reference) < 0.9
+    assert echo_correlation(voiced, np.zeros(RATE, np.float32)) == 0.0  # nothing played
