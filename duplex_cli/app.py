@@ -23,13 +23,13 @@ app = typer.Typer(
 
 # Typer options shared by every command that loads the model. Each maps to one config key.
 ConfigOpt = typer.Option(None, "--config", help="A TOML file laid out like config/default.toml.")
-ModelOpt = typer.Option(None, "--model", help="Hub id or local checkpoint directory [qwen.model_id].")
-DtypeOpt = typer.Option(None, "--dtype", help="float16, bfloat16, float32 or auto [qwen.torch_dtype].")
-DeviceMapOpt = typer.Option(None, "--device-map", help="cuda, cuda:N, cpu or auto [qwen.device_map].")
-Int8Opt = typer.Option(None, "--load-in-8bit/--no-load-in-8bit", help="8-bit weights [qwen.load_in_8bit].")
-VoiceOpt = typer.Option(None, "--voice", help="Ethan, Chelsie or Aiden [qwen.voice].")
-SystemOpt = typer.Option(None, "--system-prompt", help="The assistant's instructions [qwen.system_prompt].")
-GreedyOpt = typer.Option(None, "--greedy/--sample", help="Deterministic decoding [qwen.greedy].")
+ModelOpt = typer.Option(None, "--model", help="Hub id or local checkpoint directory \\[qwen.model_id].")
+DtypeOpt = typer.Option(None, "--dtype", help="float16, bfloat16, float32 or auto \\[qwen.torch_dtype].")
+DeviceMapOpt = typer.Option(None, "--device-map", help="cuda, cuda:N, cpu or auto \\[qwen.device_map].")
+Int8Opt = typer.Option(None, "--load-in-8bit/--no-load-in-8bit", help="8-bit weights \\[qwen.load_in_8bit].")
+VoiceOpt = typer.Option(None, "--voice", help="Ethan, Chelsie or Aiden \\[qwen.voice].")
+SystemOpt = typer.Option(None, "--system-prompt", help="The assistant's instructions \\[qwen.system_prompt].")
+GreedyOpt = typer.Option(None, "--greedy/--sample", help="Deterministic decoding \\[qwen.greedy].")
 JsonOpt = typer.Option(False, "--json", help="One JSON object per line instead of the terminal view.")
 
 
@@ -116,7 +116,7 @@ def talk(
     headphones: bool = typer.Option(False, "--headphones", help="No echo cancellation needed."),
     no_barge_in: bool = typer.Option(False, "--no-barge-in", help="Never interrupt the reply."),
     record: Optional[Path] = typer.Option(None, "--record", help="Save audio and events to DIR."),
-    plain: Optional[bool] = typer.Option(None, "--plain/--live", help="Line output [ui.plain]."),
+    plain: Optional[bool] = typer.Option(None, "--plain/--live", help="Line output \\[ui.plain]."),
 ) -> None:
     """Talk with the model through your microphone and speaker."""
     from .talk import run_talk
@@ -142,7 +142,8 @@ def bench(
     device_map: Optional[str] = DeviceMapOpt,
     random_weights: bool = typer.Option(False, "--random-weights",
                                         help="Full-size model from the release config, random weights."),
-    turns: int = typer.Option(6, "--turns", min=1, help="Measured turns (after 2 warm-up)."),
+    turns: int = typer.Option(8, "--turns", min=1,
+                              help="Measured turns, after 2 warm-up (8: a 10-turn conversation)."),
     user_seconds: float = typer.Option(10.0, "--user-seconds", min=1.0, help="User audio per turn."),
     reply_seconds: float = typer.Option(10.0, "--reply-seconds", min=0.5, help="Reply audio per turn."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the stock generate() run."),

@@ -101,6 +101,9 @@ def render(console: Console, report: dict) -> None:
             "[green]met[/]" if _met(name, value["median"]) else "[red]missed[/]",
         )
     console.print(table)
+    if "peak_growth_gib" in report["engine"]:
+        console.print(f"peak GPU memory grew {report['engine']['peak_growth_gib']:+.2f} GiB "
+                      f"from the first measured turn to the last")
     stages = report["engine"].get("stages_median", {})
     marks = [f"{k} {stages[k]:.0f} ms" for k in ("encode_tail", "prefill", "first_token",
                                                   "first_frame", "first_packet") if k in stages]

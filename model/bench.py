@@ -53,11 +53,12 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
     otherwise), for float32 checks that must fit in memory."""
     from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
-    from .loading import _drop_vision
+    from .loading import _drop_vision, quiet_transformers
     from .reference_config import release_config_dict
     from .tiny import build_tiny_tokenizer
 
     started = time.perf_counter()
+    quiet_transformers()
     raw = release_config_dict()
     if layers is not None:
         raw["thinker_config"]["text_config"]["num_hidden_layers"] = layers
@@ -121,8 +122,11 @@ def summarize(turns: list[TurnResult]) -> dict:
         "listen_ms_per_s": [t.stages.get("listen_ms", float("nan")) / t.user_s for t in turns],
         "peak_gib": [t.peak_gib for t in turns],
     }
+    # "Flat across turns": how much the peak grew from the first measured turn to the last.
+    growth = turns[-1].peak_gib - turns[0].peak_gib
     summary = {name: {"median": statistics.median(v), "p90": _p90(v)} for name, v in rows.items()}
     keys = sorted(set().union(*(t.stages for t in turns)))
+    summary["peak_growth_gib"] = growth
     summary["stages_median"] = {k: statistics.median(t.stages.get(k, float("nan")) for t in turns)
                                 for k in keys}
     return summary

@@ -17,6 +17,7 @@ import torch
 from duplex_chat.config import DuplexError, QwenSettings
 
 from .footprint import gpu_bytes, looks_like_path
+from .footprint import resolve_dtype as footprint_dtype
 
 MODEL_TYPE = "qwen3_omni_moe"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -102,9 +103,16 @@ def _from_hub(model_id: str, progress: Progress | None) -> Path:
 
 
 def resolve_dtype(name: str, config: dict) -> torch.dtype:
-    if name == "auto":
-        return DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")), torch.bfloat16)
-    return DTYPES[name]
+    """The torch dtype for `qwen.torch_dtype` (`auto`: the checkpoint's own, as footprint says)."""
+    return DTYPES[footprint_dtype(config, name)]
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' config and generation warnings (harmless for this model) off the
+    user's terminal; errors still show."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
 
 
 def resolve_device(device_map: str) -> torch.device:
@@ -169,6 +177,7 @@ def load_model(settings: QwenSettings, progress: Progress | None = None) -> Mode
     from transformers import AutoTokenizer, Qwen3OmniMoeConfig, Qwen3OmniMoeForConditionalGeneration
 
     started = time.perf_counter()
+    quiet_transformers()
     source = resolve_checkpoint(settings.model_id, progress)
     raw_config = check_checkpoint_dir(source)
     device = resolve_device(settings.device_map)

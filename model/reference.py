@@ -7,6 +7,7 @@ It is the reference the engine is checked against (tests, `bench --verify`) and 
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -94,7 +95,9 @@ def reference_reply(bundle, q: QwenSettings, features: list[torch.Tensor],
                       thinker_top_k=q.thinker_top_k, talker_temperature=q.talker_temperature,
                       talker_top_p=q.talker_top_p, talker_top_k=q.talker_top_k)
     captured: list[torch.Tensor] = []
-    with _capture_codes(model, captured):
+    with _capture_codes(model, captured), warnings.catch_warnings():
+        # generate() warns that the talker's repetition penalty sees only new codes: intended.
+        warnings.filterwarnings("ignore", message=".*repetition_penalty.*", category=UserWarning)
         sequences, waveform = model.generate(**kwargs)
     reply = sequences[0, len(ids):].tolist()
     codes = captured[0][0] if captured else None
