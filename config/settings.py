@@ -162,7 +162,7 @@ def _read_toml(path: Path) -> dict:
         raise DuplexError(f"Config file {path} is not valid TOML: {exc}.") from None
 
 
-def _check_key(dotted: str, origin: str) -> None:
+def _check_key(dotted: str, origin: str, value: Any = None) -> None:
     section, _, key = dotted.partition(".")
     if section not in SECTIONS:
         raise DuplexError(
@@ -171,8 +171,10 @@ def _check_key(dotted: str, origin: str) -> None:
         )
     names = [f.name for f in fields(SECTIONS[section])]
     if key not in names:
+        shown = "" if value is None else f" = {value!r}"
         raise DuplexError(
-            f"Unknown config key {dotted} in {origin}; [{section}] has keys {', '.join(names)}."
+            f"Unknown config key {dotted}{shown} in {origin}; [{section}] has keys "
+            f"{', '.join(names)}."
         )
 
 
@@ -183,7 +185,7 @@ def _merge(raw: dict, table: dict, origin: str, strict: bool) -> None:
         for key, value in values.items():
             dotted = f"{section}.{key}"
             if strict:
-                _check_key(dotted, origin)
+                _check_key(dotted, origin, value)
             raw[dotted] = (value, origin)
 
 
@@ -195,7 +197,7 @@ def _merge_env(raw: dict, environ: Mapping[str, str]) -> None:
         if section not in SECTIONS:
             continue  # SCA_ variables of other tools are not ours to judge
         dotted = f"{section}.{key}"
-        _check_key(dotted, f"environment {name}")
+        _check_key(dotted, f"environment {name}", value)
         raw[dotted] = (value, f"environment {name}")
 
 

@@ -88,7 +88,8 @@ class ReplyTimeline:
             self._write(self._left.process(block))
 
     def close(self) -> None:
-        if self._writer is None:
+        """Finish the file (idempotent); after an error it still gets a valid header."""
+        if self._writer is None or self._writer.closed:
             return
         self._write(self._left.flush())
         end = max([s + x.shape[0] for s, x in self._right], default=self._written)
@@ -288,15 +289,19 @@ def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: b
     def open_conversation():
         return _open_conversation(settings, stock, err)
 
-    session = ReplaySession(settings, open_conversation, printer, ReplyTimeline(out))
+    timeline = ReplyTimeline(out)
+    session = ReplaySession(settings, open_conversation, printer, timeline)
     started = time.perf_counter()
     chunk = settings.audio.chunk_samples
-    with _progress(err, info.duration_s, enabled=err.is_terminal) as advance:
-        for block in iter_audio_blocks(file, block_s=BLOCK_S):
-            for i in range(0, block.shape[0], chunk):
-                session.process(block[i:i + chunk])
-            advance(block.shape[0] / SAMPLE_RATE)
-        session.finish()
+    try:
+        with _progress(err, info.duration_s, enabled=err.is_terminal) as advance:
+            for block in iter_audio_blocks(file, block_s=BLOCK_S):
+                for i in range(0, block.shape[0], chunk):
+                    session.process(block[i:i + chunk])
+                advance(block.shape[0] / SAMPLE_RATE)
+            session.finish()
+    finally:
+        timeline.close()
     if not session.records:
         if out is not None:
             out.unlink(missing_ok=True)
