@@ -13,6 +13,9 @@ while the assistant is replying, BARGE_IN_WINDOWS consecutive windows at or abov
 (64 ms of speech) flush playback at once and cancel the reply with the samples actually heard; the
 user turn itself still starts at VoiceActivity's confirmed onset (minus pre-roll), so it keeps the
 speech that interrupted. The price of the fast path: a cough of 64 ms can cut the reply short.
+With echo cancellation on, an onset that is a delayed copy of what played is never a barge-in,
+and a second VAD on the raw microphone covers AEC3 muting the user when no echo reaches the mic
+(see ECHO_CORRELATION_MAX and NO_ECHO_DB).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from .view import TalkState, TalkView
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
 BARGE_IN_WINDOWS = 2  # consecutive speech windows (32 ms each) that interrupt the reply
+VAD_WARMUP_WINDOWS = 4  # silent windows run through each VAD model before use
 HISTORY_S = 8.0  # cleaned mic audio kept for the pre-roll of a turn
 WORKER_JOIN_TIMEOUT_S = 5.0  # how long shutdown waits for the model to stop
 OUTPUT_WAIT_S = 0.01  # worker's wait when the output ring is full
@@ -115,6 +119,13 @@ class OnsetTap:
         self.vad, self.threshold = vad, threshold
         self.run = 0  # consecutive windows at or above threshold, up to now
         self.windows = 0  # windows seen since the start
+        # TorchScript optimises a model on its first calls: 25-140 ms each (more on a loaded
+        # machine) holding the GIL, so the PortAudio callback misses its deadline. Pay that now,
+        # not during a reply (it garbled playback and shifted the echo path mid-reply).
+        silence = np.zeros(VAD_WINDOW_SAMPLES, np.float32)
+        for _ in range(VAD_WARMUP_WINDOWS):
+            vad.prob(silence)
+        vad.reset()
 
     def prob(self, window: np.ndarray) -> float:
         p = self.vad.prob(window)
