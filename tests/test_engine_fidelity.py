@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from duplex_chat.audio.features import StreamingMel
+from duplex_chat.model.bench import synthetic_voice
 from duplex_chat.model.engine import StreamingConversation
 from duplex_chat.model.events import (
     AudioPacket,
@@ -34,13 +35,8 @@ RATE = 16_000
 
 
 def user_audio(seconds: float, seed: int) -> np.ndarray:
-    """Speech-like test audio: a few gliding tones with an envelope, plus a little noise."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
-    f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + seed)
-    voice = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / RATE) / k for k in range(1, 6))
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
-    return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+    """Speech-like test audio (the benchmark's synthetic voice)."""
+    return synthetic_voice(seconds, seed)
 
 
 def mel_of(audio: np.ndarray) -> torch.Tensor:
