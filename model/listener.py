@@ -46,7 +46,6 @@ class Listener:
         self._pending: list[torch.Tensor] = []  # (128, k) frames not yet encoded
         self._pending_frames = 0
         self.mel_frames = 0
-        self.encode_seconds = 0.0
 
     def reset(self) -> None:
         self.mel.reset()
