@@ -8,7 +8,8 @@ bucket that holds the position, so attention reads only that much cache. For voi
 table indexed by position replaces the per-call rotary computation.
 
 Numerically this is the same computation as transformers' eager path, in a different order of
-summation for the mixture of experts; `bench --verify` and tests/test_fast.py compare the two.
+summation for the mixture of experts and one-token attention; `bench --verify` compares the two
+on the GPU, tests/test_fast.py checks the pieces against the library operations they replace.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # attention lengths with graphs
 TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64)  # input sizes with graphs (shorter inputs are padded)
 PAD_ROOM = TOKEN_BUCKETS[-1]  # cache rows past capacity that padded prefills may write
+# Coordinate-descent tuning also makes inductor write one-token matmuls as Triton reductions,
+# which fuse with the norms, activations and residual adds around them (fewer, fuller kernels).
+COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -37,10 +41,30 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def _route(x, router, top_k: int, norm_topk: bool):
     """x: (n, H) -> routing weights (n, k) in x's dtype and expert ids (n, k)."""
     probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (n, E)
-    weights, index = torch.topk(probs, top_k, dim=-1)
+    # A one-block sort of 128 values and a slice: one kernel where topk takes two.
+    weights, index = torch.sort(probs, dim=-1, descending=True)
+    weights, index = weights[:, :top_k], index[:, :top_k]
     if norm_topk:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights.to(x.dtype), index
+
+
+def attend_one(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention of one query token, written out so a compiler fuses it into a few reductions.
+
+    q: (Hq, 1, hd); keys/values: (Hkv, L, hd) with Hq a multiple of Hkv (query head h reads kv
+    head h // (Hq/Hkv), as SDPA's enable_gqa does); mask: (1, L) bool -> (1, Hq * hd).
+    In float32 inside. For one token a library attention kernel costs 3-9 us plus layout copies
+    around it (measured on an H200), for a few microseconds of memory traffic.
+    """
+    hq, hd = q.shape[0], q.shape[-1]
+    hkv = keys.shape[0]
+    q = q.reshape(hkv, hq // hkv, 1, hd).float()  # (Hkv, g, 1, hd)
+    scores = (q * keys[:, None].float()).sum(-1) * scale  # (Hkv, g, L)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = scores.softmax(-1)
+    out = (probs[..., None] * values[:, None].float()).sum(-2)  # (Hkv, g, hd)
+    return out.to(keys.dtype).reshape(1, hq * hd)
 
 
 def moe_gather(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
@@ -90,10 +114,14 @@ def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, 
     k = k * cos + _rotate_half(k) * sin
     keys.index_copy_(1, positions, k)
     values.index_copy_(1, positions, v)
-    att = F.scaled_dot_product_attention(
-        q[None], keys[None, :, :attend], values[None, :, :attend], attn_mask=mask,
-        scale=w["scaling"], enable_gqa=True)  # (1, Hq, n, hd)
-    x = x + F.linear(att[0].transpose(0, 1).reshape(n, -1), w["wo"])
+    if n == 1:
+        att = attend_one(q, keys[:, :attend], values[:, :attend], mask, w["scaling"])
+    else:
+        att = F.scaled_dot_product_attention(
+            q[None], keys[None, :, :attend], values[None, :, :attend], attn_mask=mask,
+            scale=w["scaling"], enable_gqa=True)  # (1, Hq, n, hd)
+        att = att[0].transpose(0, 1).reshape(n, -1)  # (n, Hq * hd)
+    x = x + F.linear(att, w["wo"])
     h = _rms(x, w["ln2"], w["eps"])
     if "router" in w:
         moe = moe_dense if dense_moe else moe_gather
@@ -192,7 +220,7 @@ class FastStack:
 
             # one compiled graph per (layer shapes, bucket): thinker, talker, predictor x buckets
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            self._decode_layer = torch.compile(run_layer, dynamic=False)
+            self._decode_layer = torch.compile(run_layer, dynamic=False, options=COMPILE_OPTIONS)
 
     def reset(self) -> None:
         self.length = 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 
@@ -139,6 +140,7 @@ class TalkerStream(_StackUser):
         self.groups = talker.config.num_code_groups
         self.user_length = 0
         self._frame_graph = None
+        self._compiled_predictor_step = None
         device = self.codec_embed.weight.device
         self._predictor_positions = torch.arange(PREDICTOR_POSITIONS, device=device)
         self._seen = torch.zeros(self.codec_head.out_features, dtype=torch.bool, device=device)
@@ -233,17 +235,34 @@ class TalkerStream(_StackUser):
 
     def _residual_codes_fast(self, talker_state, code0, sample):
         """The same with every position a single-token step at a device-side position, so the
-        whole frame (16 steps, 15 heads, sampling) can be one CUDA graph."""
+        whole frame (16 steps, 15 heads, sampling) can be one CUDA graph. On CUDA each step
+        (5 layers, norm, head, sampling, next embedding) is one compiled region, reused by all
+        15 codebooks: their heads and embedding tables are inputs, not constants."""
         stack = self.predictor_stack
         positions = self._predictor_positions
         first = self.codec_embed(code0.view(1))  # (1, d)
         stack.step(talker_state.view(1, -1), positions[0], PREDICTOR_POSITIONS)
+        step = self._predictor_step
+        if stack.device.type == "cuda":
+            if self._compiled_predictor_step is None:
+                from .fast import COMPILE_OPTIONS
+
+                self._compiled_predictor_step = torch.compile(
+                    self._predictor_step, dynamic=False, options=COMPILE_OPTIONS)
+            step = self._compiled_predictor_step
+        heads = self.predictor.lm_head
+        tables = self.predictor.model.get_input_embeddings()
         x = first
         codes, codec_embeds = [code0.view(1)], [first]
         for group in range(self.groups - 1):
-            last, _ = stack.step(x, positions[group + 1], PREDICTOR_POSITIONS)
-            code = sample(self.predictor.lm_head[group](last[-1]))
-            codes.append(code.view(1))
-            x = self.predictor.model.get_input_embeddings()[group](code.view(1))  # (1, d)
+            code, x = step(x, positions[group + 1], heads[group].weight, tables[group].weight,
+                           sample)
+            codes.append(code)
             codec_embeds.append(x)
         return torch.cat(codes), torch.cat(codec_embeds).sum(0)
+
+    def _predictor_step(self, x, position, head, table, sample):
+        """x (1, d) at `position` (0-d) -> (code (1,) long, its embedding in `table` (1, d))."""
+        last, _ = self.predictor_stack.step(x, position, PREDICTOR_POSITIONS)
+        code = sample(F.linear(last[-1], head)).view(1)
+        return code, F.embedding(code, table)

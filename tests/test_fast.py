@@ -1,0 +1,36 @@
+"""Pieces of the GPU decoder (model/fast.py) against the library operations they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from duplex_chat.model.fast import attend_one, moe_dense, moe_gather
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(32, 4, 37), (16, 8, 16), (16, 2, 5)])
+def test_one_token_attention_equals_sdpa(heads, kv_heads, length):
+    generator = torch.Generator().manual_seed(heads + length)
+    hd = 16
+    q = torch.randn(heads, 1, hd, generator=generator)
+    keys = torch.randn(kv_heads, length, hd, generator=generator)
+    values = torch.randn(kv_heads, length, hd, generator=generator)
+    mask = torch.arange(length)[None, :] <= length - 3  # the last two rows not yet written
+    expected = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
+                                              scale=0.3, enable_gqa=True)[0]  # (Hq, 1, hd)
+    got = attend_one(q, keys, values, mask, 0.3)
+    assert got.shape == (1, heads * hd)
+    torch.testing.assert_close(got, expected.transpose(0, 1).reshape(1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_expert_paths_agree():
+    generator = torch.Generator().manual_seed(3)
+    experts, hidden, inter = 8, 32, 24
+    x = torch.randn(5, hidden, generator=generator)
+    router = torch.randn(experts, hidden, generator=generator)
+    gate_up = torch.randn(experts, 2 * inter, hidden, generator=generator) / hidden**0.5
+    down = torch.randn(experts, hidden, inter, generator=generator) / inter**0.5
+    for norm in (False, True):
+        torch.testing.assert_close(moe_gather(x, router, gate_up, down, 2, norm),
+                                   moe_dense(x, router, gate_up, down, 2, norm))
