@@ -1,19 +1,32 @@
 #!/usr/bin/env bash
-# One whole GPU measurement in one call (for the lent H100, which has torch and transformers but
-# no network): installs duplex-chat and the few pure-Python packages the CLI needs from wheels
-# carried in .whl/ (see benchmarks/README.md), then runs `duplex-chat bench` and keeps the outputs.
+# One whole GPU measurement in one call (for the lent GPU machine, which has torch, transformers,
+# typer and rich but no network): installs duplex-chat without its dependencies (plus any wheels
+# carried in .whl/), then runs `duplex-chat bench` and keeps the outputs in $OUT.
 #   bash benchmarks/gpu_bench.sh [extra bench flags...]
+#   MICRO="base tuned" bash benchmarks/gpu_bench.sh ...   # step micro-benchmarks first
+#   BENCH=0 ...                                            # skip the bench itself
 set -euo pipefail
 OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+fi
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --upgrade --target /tmp/site .
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
-python3 -m duplex_chat.cli.app bench --random-weights --json "$@" > "$OUT/bench.json" 2> "$OUT/bench.err" || echo "bench exit $?"
-tail -5 "$OUT/bench.err"
+if [ -n "${MICRO:-}" ]; then
+    # shellcheck disable=SC2086
+    timeout "${MICRO_TIMEOUT:-300}" python3 benchmarks/step_micro.py $MICRO 2>&1 | tee "$OUT/micro.txt" || echo "micro exit $?"
+fi
 if [ -n "${PROFILE:-}" ]; then python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi
+[ "${BENCH:-1}" = 1 ] || exit 0
+status=0
+timeout "${BENCH_TIMEOUT:-540}" python3 -m duplex_chat.cli.app bench --random-weights --json "$@" \
+    > "$OUT/bench.json" 2> "$OUT/bench.err" || status=$?
+echo "bench exit $status"
+tail -5 "$OUT/bench.err"
+[ -s "$OUT/bench.json" ] || exit 1
 python3 - "$OUT/bench.json" <<'PY'
 import json, sys
 from rich.console import Console

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import sys
 import time
 
@@ -56,24 +57,55 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
     summary, _ = bench.engine_benchmark(bundle, settings, turns=turns, warmup=2, user_s=user_s)
     report["engine"] = summary
     short = settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
+    extras = []
     if verify:
-        err.print("[dim]verifying the fast path against the eager path (greedy)[/]")
-        report["verify"] = bench.verify(bundle, short, user_s=5.0)
+        extras.append(("verify", "verifying the fast path against the eager path (greedy)",
+                       lambda: bench.verify(bundle, short, user_s=5.0)))
     if baseline:
-        err.print("[dim]stock generate() baseline (one turn)[/]")
-        report["stock"] = bench.stock_benchmark(bundle, settings.replace(
-            "qwen", max_reply_seconds=8.0, max_reply_tokens=32), user_s=5.0)
+        extras.append(("stock", "stock generate() baseline (one turn)",
+                       lambda: bench.stock_benchmark(bundle, settings.replace(
+                           "qwen", max_reply_seconds=8.0, max_reply_tokens=32), user_s=5.0)))
     if verify and random_weights:
-        err.print("[dim]the same in float32 on a 4-layer model of the full shapes[/]")
-        del bundle
-        torch.cuda.empty_cache()
-        report["verify_float32"] = bench.verify_float32(short)
+        def float32_check():
+            nonlocal bundle
+            bundle = None  # the bf16 model's memory goes to the float32 one
+            torch.cuda.empty_cache()
+            return bench.verify_float32(short)
+
+        extras.append(("verify_float32", "the same in float32 on a 4-layer model of the full "
+                       "shapes", float32_check))
+    stopped = _run_extras(report, extras, err)
     if json_out:
-        print(json.dumps(report))
+        print(json.dumps(report), flush=True)
     else:
         render(Console(), report)
+    if stopped:
+        return 130
     met = all(_met(name, report["engine"][name]["median"]) for name in bench.TARGETS)
     return 0 if met else 3
+
+
+def _run_extras(report: dict, extras: list, err: Console) -> bool:
+    """Run the optional checks in order, each adding its section to `report`. A Ctrl-C or a
+    SIGTERM (a `timeout` around a long run) stops them but keeps what was measured: the report
+    then says where it stopped. Returns whether it was stopped."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        for key, message, run in extras:
+            err.print(f"[dim]{message}[/]")
+            try:
+                report[key] = run()
+            except KeyboardInterrupt:
+                report["stopped"] = f"during {key}; later checks were not run"
+                err.print(f"[yellow]stopped {report['stopped']}[/]")
+                return True
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return False
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _met(name: str, value: float) -> bool:

@@ -1,0 +1,46 @@
+"""`duplex-chat bench` around the GPU measurement: what the user sees when it is cut short."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+from rich.console import Console
+
+from duplex_chat.cli.bench import _run_extras, render
+
+
+def test_sigterm_keeps_the_finished_sections():
+    report = {}
+
+    def killed():
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        time.sleep(10)
+
+    before = signal.getsignal(signal.SIGTERM)
+    began = time.monotonic()
+    stopped = _run_extras(report, [("verify", "first", lambda: {"ok": 1}),
+                                   ("stock", "second", killed),
+                                   ("verify_float32", "third", lambda: {"ok": 3})],
+                          Console(file=open(os.devnull, "w")))
+    assert stopped and time.monotonic() - began < 5
+    assert report == {"verify": {"ok": 1}, "stopped": "during stock; later checks were not run"}
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_report_without_optional_sections_renders():
+    metric = {"median": 0.05, "p90": 0.06}  # under every target
+    report = {"gpu": "NVIDIA H200", "dtype": "bfloat16", "torch": "2.11", "transformers": "5.17",
+              "engine": {name: dict(metric) for name in (
+                  "first_packet_ms", "thinker_ms_per_token", "talker_ms_per_frame",
+                  "vocoder_ms_per_frame", "rtf", "listen_ms_per_s", "peak_gib")}}
+    report["engine"]["talker_ms_per_frame"] = {"median": 5.3, "p90": 5.4}
+    console = Console(width=140, record=True, file=open(os.devnull, "w"))
+    render(console, report)
+    rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
+            for line in console.export_text().splitlines() if line.startswith("│")}
+    assert rows["talker step + 15 code-predictor steps (ms/frame)"] == [
+        "5.3", "5.4", "—", "≤ 4", "missed"]
+    assert [cells[-1] for cells in rows.values()].count("met") == 6
