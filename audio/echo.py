@@ -50,7 +50,8 @@ class EchoCanceller:
     slightly different moments): both are buffered into 10 ms frames and a frame is processed
     once both sides have it, so the output lags the input by a frame or so and has the same
     total length over time. `delay_ms` is a hint for the echo path (output + input latency);
-    AEC3 refines it itself.
+    AEC3 refines it itself. It must not exceed the true delay: echo that arrives earlier than the
+    hint passes almost untouched until AEC3 re-aligns (~70 ms), so `talk` gives none.
     """
 
     def __init__(self, delay_ms: float = 0.0):

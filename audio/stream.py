@@ -40,6 +40,13 @@ STALL_TIMEOUT_S = 1.5  # no callback for this long while running = the device is
 START_ATTEMPTS = 3  # opens tried before giving up on the devices
 START_SETTLE_S = 0.25  # a stream still running with callbacks flowing this long after start is up
 START_POLL_S = 0.01
+# The same happens mid-session: after an underrun (a callback late, e.g. on a loaded machine),
+# PortAudio 19.6's full-duplex ALSA stream fails the next poll and stops for good, with no callback
+# error. Such a stream is reopened; the rings keep their audio, so the reply resumes where it was.
+# A device that keeps stopping (REOPEN_LIMIT times within REOPEN_WINDOW_S) is taken to be gone.
+STREAM_STOPPED = "the audio stream stopped"
+REOPEN_LIMIT = 3
+REOPEN_WINDOW_S = 60.0
 
 
 class RingBuffer:
@@ -109,6 +116,7 @@ class StreamCounters:
     overruns: int = 0  # microphone samples dropped because nobody read them in time
     input_overflows: int = 0  # PortAudio's own flags
     output_underflows: int = 0
+    reopens: int = 0  # streams that stopped on their own and were opened again
 
 
 class _Resampler:
@@ -171,6 +179,7 @@ class AudioIO:
         self._streams: list[Any] = []
         self._closing = False
         self._attempt = 0  # which open of the streams is current (see start)
+        self._reopen_times: list[float] = []  # when the streams were reopened mid-session
 
     # ---- PortAudio callbacks: copies only ------------------------------------------------
     def _note_status(self, status: Any) -> None:
@@ -218,7 +227,7 @@ class AudioIO:
 
     def _finished(self, attempt: int) -> None:
         if attempt == self._attempt and not self._closing and self.error is None:
-            self.error = "the audio stream stopped"
+            self.error = STREAM_STOPPED
 
     # ---- lifecycle ------------------------------------------------------------------------
     def __enter__(self) -> "AudioIO":
@@ -305,15 +314,33 @@ class AudioIO:
         """How many callbacks ran; the caller compares over time to notice a stalled device."""
         return self._callbacks
 
-    def check(self) -> None:
-        """Raise DuplexError when a stream stopped on its own (device unplugged or failed)."""
-        if self.error is None:
-            for stream in self._streams:
-                if not stream.active:
-                    self.error = "the audio stream stopped"
+    def check(self) -> bool:
+        """Raise DuplexError when a device failed. A stream that stopped on its own is reopened
+        first (see REOPEN_LIMIT); returns True when that happened."""
+        if self.error is None and not all(stream.active for stream in self._streams):
+            self.error = STREAM_STOPPED
+        if self.error == STREAM_STOPPED and self._reopen():
+            return True
         if self.error is not None:
             raise DuplexError(f"The audio device stopped working ({self.error}).",
                               hint="Was it unplugged? Check it and run `duplex-chat talk` again.")
+        return False
+
+    def _reopen(self) -> bool:
+        """Close and start the streams again, unless that happened too often already."""
+        now = time.monotonic()
+        self._reopen_times = [t for t in self._reopen_times if now - t < REOPEN_WINDOW_S]
+        if len(self._reopen_times) >= REOPEN_LIMIT:
+            return False
+        self._reopen_times.append(now)
+        self.counters.reopens += 1
+        self.close()
+        try:
+            self.start()
+        except DuplexError:  # the device is gone after all
+            self.error = STREAM_STOPPED
+            return False
+        return True
 
     # ---- reader side ----------------------------------------------------------------------
     def read_input(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

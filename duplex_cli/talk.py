@@ -120,8 +120,9 @@ class OnsetTap:
         self.run = 0  # consecutive windows at or above threshold, up to now
         self.windows = 0  # windows seen since the start
         # TorchScript optimises a model on its first calls: 25-140 ms each (more on a loaded
-        # machine) holding the GIL, so the PortAudio callback misses its deadline. Pay that now,
-        # not during a reply (it garbled playback and shifted the echo path mid-reply).
+        # machine) holding the GIL, so a running PortAudio callback misses its deadline. Pay that
+        # now, before the streams start (talk_session), not during a reply (it garbled playback
+        # and shifted the echo path mid-reply).
         silence = np.zeros(VAD_WINDOW_SAMPLES, np.float32)
         for _ in range(VAD_WARMUP_WINDOWS):
             vad.prob(silence)
@@ -289,7 +290,13 @@ class TalkSession:
         if settings.audio.echo_cancellation:
             from duplex_chat.audio.echo import EchoCanceller
 
-            self.echo = EchoCanceller(delay_ms=1000.0 * sum(io.latency_s))
+            # No delay hint: AEC3 finds the echo delay itself (measured fine from 0 to ~500 ms),
+            # but echo arriving earlier than the hint cannot be cancelled until it re-aligns, so a
+            # hint above the true delay let the first ~70 ms of echo through at -6 dB instead of
+            # -69 dB: on the session's first reply, enough for a barge-in. PortAudio's reported
+            # latencies can overstate the path (PulseAudio null sinks: 70 ms reported for our
+            # streams alone, 36-85 ms measured for the whole echo loop through the test's).
+            self.echo = EchoCanceller()
             self.raw_onset = RawOnset(raw_vad_model if raw_vad_model is not None else SileroVad(),
                                       settings.vad.threshold)
         echo_span_s = ECHO_MAX_DELAY_S + ECHO_PROBE_S + 0.1
@@ -492,7 +499,8 @@ class TalkSession:
         last_count, last_change = -1, time.monotonic()
         while stop is None or not stop.is_set():
             self.step()
-            self.io.check()
+            if self.io.check():
+                self.note("streams_reopened", reopens=self.io.counters.reopens)
             now = time.monotonic()
             if self.io.callback_count != last_count:
                 last_count, last_change = self.io.callback_count, now
@@ -532,17 +540,22 @@ def talk_session(settings: Settings, conversation_factory: ConversationFactory, 
     try:
         with contextlib.ExitStack() as stack:
             conversation = stack.enter_context(conversation_factory(settings))
-            io = stack.enter_context(AudioIO(inp, out, settings.audio.stream_latency_ms / 1000.0))
+            io = AudioIO(inp, out, settings.audio.stream_latency_ms / 1000.0)
+            # The session loads and warms up its VAD models (0.2-0.4 s holding the GIL) before the
+            # streams start: a PortAudio callback starved that long makes ALSA underrun, and
+            # PortAudio 19.6's full-duplex ALSA stream then stops for good ("ContinuePoll failed").
+            session = TalkSession(settings, conversation, io, view, recorder, vad_model)
+            stack.enter_context(io)
             stack.enter_context(view)
-            _session_loop(settings, conversation, io, view, recorder, stop, vad_model)
+            _session_loop(session, io, view, stop)
     finally:
         if recorder is not None:
             recorder.close()
     return 0
 
 
-def _session_loop(settings, conversation, io, view, recorder, stop, vad_model) -> None:
-    session = TalkSession(settings, conversation, io, view, recorder, vad_model)
+def _session_loop(session, io, view, stop) -> None:
+    settings = session.settings
     aec = "on" if session.echo is not None else "off (headphones)"
     view.info(f"mic: {io.input_device.name} @ {io.in_rate} Hz, speaker: {io.output_device.name} "
               f"@ {io.out_rate} Hz, echo cancellation {aec}. Ctrl-C ends.")
@@ -563,4 +576,4 @@ def _session_loop(settings, conversation, io, view, recorder, stop, vad_model) -
         session.shutdown()
         session.note("session_ended", underruns=io.counters.underruns,
                      output_underflows=io.counters.output_underflows,
-                     overruns=io.counters.overruns)
+                     overruns=io.counters.overruns, reopens=io.counters.reopens)

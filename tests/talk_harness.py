@@ -3,7 +3,7 @@
 `run_conversation` starts `talk_session` on a thread with a scripted Conversation, then plays a
 "user" script (24 kHz) into the virtual microphone while recording the virtual speaker, on one
 duplex test stream so both share a clock. With `echo_gain` the recorded speaker signal is mixed
-back into the microphone (an acoustic echo, delayed by the loopback itself).
+back into the microphone (an acoustic echo, delayed by ECHO_DELAY_SAMPLES and the loopback itself).
 """
 
 from __future__ import annotations
@@ -28,7 +28,17 @@ SESSION_START_TIMEOUT_S = 20.0
 # (audio/stream.py START_ATTEMPTS): it may stop within milliseconds of starting; reopen it.
 TEST_STREAM_ATTEMPTS = 3
 TEST_STREAM_SETTLE_S = 0.25
+# PortAudio's "high" latency (35 ms here). With "low" (9 ms) the stream underran on a busy
+# machine: it stopped, or the simulated echo drifted to 0.5-0.7 s late in mid-reply.
+TEST_STREAM_LATENCY = "high"
 SCRIPT_MARGIN_S = 10.0  # the script must have played by its length plus this
+# The simulated echo repeats what the speaker played this much later, on top of the loopback's own
+# lag. It used to repeat "the previous block", whose length PortAudio varies after an underrun:
+# the echo then jumped back and forth in time, which no echo canceller follows.
+ECHO_DELAY_SAMPLES = int(0.02 * TEST_RATE)
+MIN_MATCH = 0.8  # normalised correlation of a reply found in a recording
+PIECE_S = 0.25  # assert_heard looks for the reply piece by piece
+MAX_SLIP_S = 0.1  # how much later than continuous playback the reply's end may come
 
 
 def espeak(text: str, voice: str = "en", gain: float = 0.8) -> np.ndarray:
@@ -106,19 +116,20 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
     def callback(indata, outdata, frames, time_info, status) -> None:
         p = pos[0]
         n = max(0, min(frames, len(script) - p))
+        recorded[p:p + n] = indata[:n, 0]
         outdata[:] = 0
         outdata[:n, 0] = script[p:p + n]
-        if echo_gain and p > 0:
-            back = recorded[max(0, p - frames):p]  # the previous block: one block of extra delay
-            outdata[:len(back), 0] += echo_gain * back
-        recorded[p:p + n] = indata[:n, 0]
+        if echo_gain:  # a fixed delay whatever the block size (PortAudio's vary after an underrun)
+            d = ECHO_DELAY_SAMPLES
+            first = min(n, max(0, d - p))  # nothing recorded yet to repeat
+            outdata[first:n, 0] += echo_gain * recorded[p + first - d:p + n - d]
         pos[0] = p + frames
 
     def rewind() -> None:  # a failed start may have run a few callbacks
         pos[0] = 0
         recorded[:] = 0.0
 
-    stream = _open_test_stream(sd, callback, "low" if echo_gain else "high", rewind)
+    stream = _open_test_stream(sd, callback, rewind)
     try:
         if during is not None:
             during(thread)
@@ -136,13 +147,13 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
     return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None)
 
 
-def _open_test_stream(sd, callback, latency, rewind):
+def _open_test_stream(sd, callback, rewind):
     """The test's duplex stream (speaker monitor in, microphone feed out), started and settled;
     `rewind()` restarts the script before each new attempt."""
     for _ in range(TEST_STREAM_ATTEMPTS):
         rewind()
         stream = sd.Stream(device=("virtspk_mon", "mic_feed"), samplerate=TEST_RATE, channels=1,
-                           callback=callback, latency=latency)
+                           callback=callback, latency=TEST_STREAM_LATENCY)
         stream.start()
         time.sleep(TEST_STREAM_SETTLE_S)
         if stream.active:
@@ -161,3 +172,21 @@ def find_signal(recording: np.ndarray, reference: np.ndarray) -> tuple[int, floa
     k = int(np.argmax(corr))
     energy = np.sqrt(np.sum(ref ** 2) * np.sum(recording[k:k + len(ref)] ** 2)) + 1e-12
     return k, float(corr[k] / energy)
+
+
+def assert_heard(recording: np.ndarray, reply: np.ndarray) -> tuple[int, float]:
+    """Assert that `reply` plays in `recording` (both 24 kHz); return (its offset, its slip in s).
+
+    The reply is looked for piece by piece (PIECE_S), and each piece must match. A callback of
+    either stream late by more than its buffer puts a few ms of silence into the loop (seen with
+    one core busy: one 9 ms gap in 12 runs); the rest then arrives that much later. So pieces may
+    slip, in order and by at most MAX_SLIP_S in all, but never be missing or early.
+    """
+    piece = int(PIECE_S * TEST_RATE)
+    found = [find_signal(recording, reply[k:k + piece]) for k in range(0, len(reply), piece)]
+    assert min(m for _, m in found) > MIN_MATCH, f"reply not heard on the speaker: {found}"
+    offset = found[0][0]
+    slips = [(o - offset) / TEST_RATE - k * PIECE_S for k, (o, _) in enumerate(found)]
+    in_order = all(b > a - 0.001 for a, b in zip(slips, slips[1:]))  # 1 ms: peak-picking jitter
+    assert in_order and slips[-1] < MAX_SLIP_S, f"reply pieces slipped by {slips} s"
+    return offset, slips[-1]

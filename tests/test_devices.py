@@ -8,7 +8,7 @@ from duplex_chat.audio import devices
 from duplex_chat.audio.devices import DeviceInfo, find_device
 from duplex_chat.config import DuplexError
 
-from .virtual_audio import unavailable_reason, virtual_audio
+from .virtual_audio import virtual_audio_or_skip
 
 
 def _dev(index, name, n_in, n_out, default_in=False, default_out=False, hostapi="ALSA"):
@@ -124,10 +124,7 @@ def test_sounddevice_package_missing(monkeypatch):
 
 @pytest.mark.audio_devices
 def test_virtual_devices_are_listed_and_open_at_model_rates():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(reason)
-    with virtual_audio() as va:
+    with virtual_audio_or_skip() as va:
         listed = devices.list_devices()
         mic = find_device(va.app_input, "input", listed)
         speaker = find_device(va.app_output, "output", listed)

@@ -11,27 +11,26 @@ import pytest
 import soundfile as sf
 
 from .fake_engine import Reply, ScriptedConversation, chirp, factory_for
-from .talk_harness import TEST_RATE, espeak, find_signal, run_conversation, session_settings
-from .virtual_audio import unavailable_reason, virtual_audio
+from .talk_harness import (
+    MIN_MATCH,
+    TEST_RATE,
+    assert_heard,
+    espeak,
+    find_signal,
+    run_conversation,
+    session_settings,
+)
+from .virtual_audio import virtual_audio_or_skip
 
 pytestmark = pytest.mark.audio_devices
 
 BARGE_IN_BOUND_MS = 150.0
-MIN_MATCH = 0.8  # normalised correlation of the reply found in the speaker recording
 
 
 @pytest.fixture(scope="module")
 def vaudio():
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"virtual audio unavailable: {reason}")
-    manager = virtual_audio()
-    try:
-        devices = manager.__enter__()
-    except RuntimeError as exc:
-        pytest.skip(f"virtual audio unavailable: {exc}")
-    yield devices
-    manager.__exit__(None, None, None)
+    with virtual_audio_or_skip() as devices:
+        yield devices
 
 
 def silence(seconds: float) -> np.ndarray:
@@ -49,14 +48,14 @@ def test_speech_gets_reply_with_measured_latency(vaudio, tmp_path):
     assert len(conversation.called("end_turn")) == 1
     fed = sum(n for _, n in conversation.called("feed"))
     assert fed >= 0.9 * len(speech) * 16_000 / TEST_RATE  # the whole utterance reached the model
-    offset, match = find_signal(result.recorded, reply)
-    assert match > MIN_MATCH, f"reply not heard on the speaker (correlation {match:.2f})"
+    offset, slip = assert_heard(result.recorded, reply)
     speech_end = 0.5 + len(speech) / TEST_RATE
     heard_latency = offset / TEST_RATE - speech_end
     app_latency = result.events("reply_latency")[0]["latency_ms"]
     print(f"\nlatency: {1000 * heard_latency:.0f} ms through the virtual loopback "
           f"(mic path + VAD end-of-turn {600} ms + engine + speaker path); "
-          f"app-measured {app_latency:.0f} ms")
+          f"app-measured {app_latency:.0f} ms; playback slipped {1000 * slip:.0f} ms "
+          f"({result.events('session_ended')[0]['output_underflows']} output underflows)")
     assert 0.6 < heard_latency < 2.5
     assert 600 < app_latency < 1500
     turn = result.events("TurnFinished")[0]

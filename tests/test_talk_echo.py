@@ -54,6 +54,24 @@ def test_echo_removed_and_double_talk_kept(available, delay_ms):
     assert _db(out[talk]) > _db(user[talk]) - 8  # the user's voice survives (measured ~5 dB lower)
 
 
+def test_first_echo_is_cancelled_without_a_delay_hint(available):
+    """talk gives AEC3 no delay hint: with none it cancels the very first echo of a session at
+    any delay it can search (a hint above the true delay let the first ~70 ms through at -6 dB)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed")
+    played = np.concatenate([np.zeros(RATE, np.float32),
+                             _speech("It is a quarter past three.", "en+m3", 2.0)])
+    for delay_ms in (40, 300):
+        delay = delay_ms * RATE // 1000
+        mic = np.zeros_like(played)
+        mic[delay:] = 0.5 * played[:-delay]
+        canceller = EchoCanceller()
+        out = np.concatenate([canceller.process(mic[i:i + 160], played[i:i + 160])
+                              for i in range(0, len(mic), 160)])
+        first = slice(RATE + delay, RATE + delay + 1024)  # the first two VAD windows of echo
+        assert _db(out[first]) < _db(mic[first]) - 25, delay_ms
+
+
 def test_echo_correlation_tells_a_delayed_copy_from_the_user():
     """The barge-in echo check: the reply's own echo is ~1 at any delay, the user's voice is not."""
     from duplex_chat.audio.echo import echo_correlation

@@ -8,19 +8,16 @@ import time
 import numpy as np
 import pytest
 
-from duplex_chat.audio.stream import AudioIO, RingBuffer
+from duplex_chat.audio.stream import REOPEN_LIMIT, STREAM_STOPPED, AudioIO, RingBuffer, StreamCounters
 from duplex_chat.config import DuplexError
 
 from .fake_engine import Reply, ScriptedConversation, chirp, factory_for
-from .talk_harness import TEST_RATE, read_log, run_conversation, session_settings
-from .virtual_audio import unavailable_reason, virtual_audio
+from .talk_harness import TEST_RATE, assert_heard, espeak, read_log, run_conversation, session_settings
+from .virtual_audio import virtual_audio_or_skip
 
 
 @pytest.mark.audio_devices
 def test_unplugged_microphone_ends_session_cleanly(tmp_path, monkeypatch):
-    reason = unavailable_reason()
-    if reason:
-        pytest.skip(f"virtual audio unavailable: {reason}")
     unplugged = threading.Event()
     real_input = AudioIO._input_part
 
@@ -30,7 +27,7 @@ def test_unplugged_microphone_ends_session_cleanly(tmp_path, monkeypatch):
         real_input(self, indata)
 
     monkeypatch.setattr(AudioIO, "_input_part", input_part)
-    with virtual_audio():
+    with virtual_audio_or_skip():
         conversation = ScriptedConversation([Reply(chirp(1.0))])
 
         def unplug(thread) -> None:
@@ -44,6 +41,51 @@ def test_unplugged_microphone_ends_session_cleanly(tmp_path, monkeypatch):
     kinds = [e["type"] for e in read_log(tmp_path)]
     assert kinds[0] == "session_started" and "error" in kinds
     assert kinds[-2:] == ["session_ended", "session_closed"]
+
+
+@pytest.mark.audio_devices
+def test_stream_that_stops_on_its_own_is_reopened(tmp_path, monkeypatch):
+    """PortAudio's full-duplex ALSA stream may stop after an underrun without any error: the
+    session opens it again and the conversation goes on."""
+    opened: list[AudioIO] = []
+    real_open = AudioIO._open
+
+    def track_open(self) -> None:
+        real_open(self)
+        opened.append(self)
+
+    monkeypatch.setattr(AudioIO, "_open", track_open)
+    with virtual_audio_or_skip():
+        reply = chirp(1.0)
+        conversation = ScriptedConversation([Reply(reply)])
+
+        def stop_stream(thread) -> None:  # what PortAudio does after the failed poll
+            time.sleep(0.3)
+            opened[-1]._streams[0].abort()
+
+        speech = espeak("Hello there, what is the weather like today?")
+        script = np.concatenate([np.zeros(TEST_RATE // 2, np.float32), speech,
+                                 np.zeros(3 * TEST_RATE, np.float32)])
+        result = run_conversation(session_settings(tmp_path), factory_for(conversation), script,
+                                  during=stop_stream)
+    assert result.error is None
+    assert [e["reopens"] for e in result.events("streams_reopened")] == [1]
+    assert len(conversation.called("end_turn")) == 1
+    assert_heard(result.recorded, reply)
+
+
+def test_stream_that_keeps_stopping_is_taken_for_gone():
+    io = AudioIO.__new__(AudioIO)  # no devices: the reopen bookkeeping alone
+    io.error, io._streams, io._reopen_times, io.counters = None, [], [], StreamCounters()
+    io.close = lambda: None
+    io.start = lambda: setattr(io, "error", None)  # a reopen that works, for a while
+    for _ in range(REOPEN_LIMIT):
+        io.error = STREAM_STOPPED
+        assert io.check()
+    io.error = STREAM_STOPPED
+    with pytest.raises(DuplexError, match="stopped working"):
+        io.check()
+    assert io.counters.reopens == REOPEN_LIMIT
 
 
 class _Status:

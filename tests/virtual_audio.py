@@ -124,3 +124,18 @@ def virtual_audio() -> Iterator[VirtualAudio]:
         _reinit_portaudio()
         shutil.rmtree(runtime, ignore_errors=True)
 
+
+@contextlib.contextmanager
+def virtual_audio_or_skip() -> Iterator[VirtualAudio]:
+    """`virtual_audio()`, or a pytest skip that says why it cannot run here."""
+    import pytest
+
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"virtual audio unavailable: {reason}")
+    with contextlib.ExitStack() as stack:
+        try:
+            devices = stack.enter_context(virtual_audio())
+        except RuntimeError as exc:  # pulseaudio is installed but would not start
+            pytest.skip(f"virtual audio unavailable: {exc}")
+        yield devices
