@@ -4,6 +4,7 @@
 # carried in .whl/), then runs `duplex-chat bench` and keeps the outputs in $OUT.
 #   bash benchmarks/gpu_bench.sh [extra bench flags...]
 #   MICRO="base tuned" bash benchmarks/gpu_bench.sh ...   # step micro-benchmarks first
+#   TESTS=1 ...                                            # the GPU tests first (pytest -m gpu)
 #   BENCH=0 ...                                            # skip the bench itself
 set -euo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -15,6 +16,10 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+if [ -n "${TESTS:-}" ]; then
+    timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py 2>&1 \
+        | tee "$OUT/tests.txt" | tail -25 || echo "tests exit $?"
+fi
 if [ -n "${MICRO:-}" ]; then
     # shellcheck disable=SC2086
     timeout "${MICRO_TIMEOUT:-300}" python3 benchmarks/step_micro.py $MICRO 2>&1 | tee "$OUT/micro.txt" || echo "micro exit $?"

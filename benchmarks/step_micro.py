@@ -3,7 +3,11 @@ GPU call: `python3 benchmarks/step_micro.py base tuned` runs each named variant 
 (compile settings are process-wide) and prints one line per variant and step.
 
 Variants: `base` (no inductor options, predictor steps as separate layer calls), `tuned`
-(the product's settings), `aggressive` (tuned plus inductor's aggressive fusion). Timings are CUDA-event medians over 50 replays after warm-up.
+(the product's settings), `aggressive` (tuned plus inductor's aggressive fusion), `sdpa` (tuned,
+with every decode attention through SDPA). Steps: `frame` (code 0 and the code predictor),
+`step_frame` (talker step, head and frame as one graph: what a reply runs per frame),
+`talker_step`, `thinker_step` (512-row window), `thinker_step_2k` (2048-row window).
+Timings are CUDA-event medians over 50 replays after warm-up.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def run_variant(variant: str) -> dict:
     if variant == "base":
         fast.COMPILE_OPTIONS = {}
         streams.TalkerStream._residual_codes_fast = _separate_predictor_steps
+    if variant == "sdpa":  # tuned, but every decode attention through SDPA
+        fast.WRITTEN_OUT_MAX_ROWS = 0
     engine.GRAPH_WARM_UP_POSITIONS = 512
     device = torch.device("cuda:0")
     settings = load_settings(overrides={"qwen.max_context_tokens": 4096})
@@ -81,17 +87,30 @@ def run_variant(variant: str) -> dict:
             talker.crop(length_t)
             talker.step(state)
 
+        def step_frame():
+            talker.crop(length_t)
+            talker.step_frame(state, conv.talker_sampler, conv.predictor_sampler)
+
         def thinker_step():
             thinker.crop(length_th)
             conv.thinker_sampler(thinker.step(token))
 
-        for name, fn in (("frame", frame), ("talker_step", talker_step),
-                         ("thinker_step", thinker_step)):
+        long_th = 1800  # the benchmark's thinker cache after a few turns (2048-row window)
+
+        def thinker_step_2k():
+            thinker.stack.length = long_th  # rows past the prefill hold zeros: timing only
+            conv.thinker_sampler(thinker.step(token))
+
+        for name, fn in _named(frame, step_frame, talker_step, thinker_step, thinker_step_2k):
             result[name + "_ms"] = round(_time(fn), 3)
             count, top = _kernels(fn)
             result[name + "_kernels"] = count
             result[name + "_top"] = top
     return result
+
+
+def _named(*fns):
+    return [(fn.__name__, fn) for fn in fns]
 
 
 def _separate_predictor_steps(self, talker_state, code0, sample):
@@ -110,6 +129,9 @@ def _separate_predictor_steps(self, talker_state, code0, sample):
     return torch.cat(codes), torch.cat(embeds).sum(0)
 
 
+STEP_NAMES = ("frame", "step_frame", "talker_step", "thinker_step", "thinker_step_2k")
+
+
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print("RESULT " + json.dumps(run_variant(sys.argv[2])), flush=True)
@@ -124,7 +146,7 @@ def main() -> None:
             continue
         result = json.loads(lines[0][7:])
         print(f"== {variant} ({time.perf_counter() - began:.0f} s, setup {result['setup_s']} s)")
-        for step in ("frame", "talker_step", "thinker_step"):
+        for step in STEP_NAMES:
             print(f"  {step}: {result[step + '_ms']} ms, {result[step + '_kernels']} kernels")
             for name, n, us in result[step + "_top"][:8]:
                 print(f"      {us:9.1f} us {n:5d}x {name}")

@@ -146,11 +146,8 @@ class StreamingConversation:
         with torch.inference_mode():
             self.thinker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
             self.talker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
-            vocab = self.talker.codec_head.out_features
-            logits = torch.zeros(vocab, device=self.device, dtype=self.bundle.dtype)
-            state = torch.zeros(self.talker.codec_head.in_features, device=self.device,
-                                dtype=self.bundle.dtype)
-            self.talker.frame(logits, state, self.talker_sampler, self.predictor_sampler)
+            self.talker.warm_up_frames(GRAPH_WARM_UP_POSITIONS, self.talker_sampler,
+                                       self.predictor_sampler)
             for frames in (self.q.first_packet_frames, self.q.packet_frames):
                 self.vocoder.push(torch.zeros(16, frames, dtype=torch.long, device=self.device))
             self.vocoder.reset()
@@ -237,12 +234,17 @@ class StreamingConversation:
                                                        self._assistant_part(reply.ids[0]))
         self.vocoder.reset()
         audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
+        talker_input = None  # the previous frame's summed codec embeddings + text (d,)
         while not self._cancel.is_set():
             if audio.frames >= self.max_frames:
                 break
             with clock.timed("talker"):
-                codes, codec_sum = self.talker.frame(talker_logits, state, self.talker_sampler,
-                                                     self.predictor_sampler)
+                if talker_input is None:  # the first frame: logits from start_reply's prefill
+                    codes, codec_sum = self.talker.frame(talker_logits, state, self.talker_sampler,
+                                                         self.predictor_sampler)
+                else:
+                    codes, codec_sum = self.talker.step_frame(talker_input, self.talker_sampler,
+                                                              self.predictor_sampler)
                 if int(codes[0]) == self.codec_eos:  # the one host sync per frame
                     break
             audio.add(codes)
@@ -258,8 +260,7 @@ class StreamingConversation:
                     token = self.thinker_sampler(self.thinker.step(token))
                 yield self._take_token(turn, reply, token)
             with clock.timed("talker"):
-                text = self._trailing_text(reply, audio.frames - 1)
-                talker_logits, state = self.talker.step(codec_sum + text)
+                talker_input = codec_sum + self._trailing_text(reply, audio.frames - 1)
         if self._cancel.is_set():
             yield from self._interrupt(turn, reply)
             return

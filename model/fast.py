@@ -23,6 +23,11 @@ PAD_ROOM = TOKEN_BUCKETS[-1]  # cache rows past capacity that padded prefills ma
 # Coordinate-descent tuning also makes inductor write one-token matmuls as Triton reductions,
 # which fuse with the norms, activations and residual adds around them (fewer, fuller kernels).
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Attention of a step this short, over a window this long, is written out (`attend_few`); longer
+# ones use SDPA. Written out won at the code predictor's 16 rows and a 512-row thinker window
+# (4.43 -> 4.24 ms/token) but lost to cuDNN's kernel at 2048 rows (4.16 -> 4.42; H200).
+FEW_QUERIES = 2
+WRITTEN_OUT_MAX_ROWS = 512
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -49,22 +54,23 @@ def _route(x, router, top_k: int, norm_topk: bool):
     return weights.to(x.dtype), index
 
 
-def attend_one(q, keys, values, mask, scale: float) -> torch.Tensor:
-    """Attention of one query token, written out so a compiler fuses it into a few reductions.
+def attend_few(q, keys, values, mask, scale: float) -> torch.Tensor:
+    """Attention of a few query tokens, written out so a compiler fuses it into a few reductions.
 
-    q: (Hq, 1, hd); keys/values: (Hkv, L, hd) with Hq a multiple of Hkv (query head h reads kv
-    head h // (Hq/Hkv), as SDPA's enable_gqa does); mask: (1, L) bool -> (1, Hq * hd).
-    In float32 inside. For one token a library attention kernel costs 3-9 us plus layout copies
-    around it (measured on an H200), for a few microseconds of memory traffic.
+    q: (Hq, n, hd); keys/values: (Hkv, L, hd) with Hq a multiple of Hkv (query head h reads kv
+    head h // (Hq/Hkv), as SDPA's enable_gqa does); mask: (n, L) bool -> (n, Hq * hd).
+    In float32 inside. For a token or two a library attention kernel costs 3-9 us plus layout
+    copies around it (measured on an H200), for a few microseconds of memory traffic.
     """
-    hq, hd = q.shape[0], q.shape[-1]
+    hq, n, hd = q.shape
     hkv = keys.shape[0]
-    q = q.reshape(hkv, hq // hkv, 1, hd).float()  # (Hkv, g, 1, hd)
-    scores = (q * keys[:, None].float()).sum(-1) * scale  # (Hkv, g, L)
-    scores = scores.masked_fill(~mask, float("-inf"))
+    g = hq // hkv
+    q = q.reshape(hkv, g * n, 1, hd).float()  # (Hkv, g * n, 1, hd): a kv head's g heads x n tokens
+    scores = (q * keys[:, None].float()).sum(-1) * scale  # (Hkv, g * n, L)
+    scores = scores.masked_fill(~mask.repeat(g, 1), float("-inf"))
     probs = scores.softmax(-1)
-    out = (probs[..., None] * values[:, None].float()).sum(-2)  # (Hkv, g, hd)
-    return out.to(keys.dtype).reshape(1, hq * hd)
+    out = (probs[..., None] * values[:, None].float()).sum(-2)  # (Hkv, g * n, hd)
+    return out.to(keys.dtype).reshape(hq, n, hd).transpose(0, 1).reshape(n, hq * hd)
 
 
 def moe_gather(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
@@ -99,12 +105,12 @@ def _dense_mlp(x, gate_up, down):
     return F.linear(F.silu(gate) * up, down)
 
 
-def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, dense_moe: bool):
+def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe: bool):
     """One decoder layer for tokens x (n, H) at `positions` (n,) (device tensor), attending to
-    cache rows [0, attend) under `mask` (n, attend). keys/values: (Hkv, rows, hd), written at
-    `positions`. Pure tensor code: one compiled or captured version serves every layer of the
-    same shapes."""
-    n, hd = x.shape[0], keys.shape[-1]
+    cache rows [0, attend) under `mask` (n, attend). kv: (2, Hkv, rows, hd), keys then values,
+    written at `positions` (both in one write: one kernel, not two). Pure tensor code: one
+    compiled or captured version serves every layer of the same shapes."""
+    n, hd = x.shape[0], kv.shape[-1]
     h = _rms(x, w["ln1"], w["eps"])
     q, k, v = F.linear(h, w["wqkv"]).split(w["qkv_split"], dim=-1)
     q = _rms(q.reshape(n, -1, hd), w["qn"], w["eps"]).transpose(0, 1)  # (Hq, n, hd)
@@ -112,10 +118,10 @@ def run_layer(x, positions, cos, sin, mask, keys, values, w: dict, attend: int, 
     v = v.reshape(n, -1, hd).transpose(0, 1)
     q = q * cos + _rotate_half(q) * sin
     k = k * cos + _rotate_half(k) * sin
-    keys.index_copy_(1, positions, k)
-    values.index_copy_(1, positions, v)
-    if n == 1:
-        att = attend_one(q, keys[:, :attend], values[:, :attend], mask, w["scaling"])
+    kv.index_copy_(2, positions, torch.stack([k, v]))
+    keys, values = kv[0], kv[1]
+    if n <= FEW_QUERIES and attend <= WRITTEN_OUT_MAX_ROWS:
+        att = attend_few(q, keys[:, :attend], values[:, :attend], mask, w["scaling"])
     else:
         att = F.scaled_dot_product_attention(
             q[None], keys[None, :, :attend], values[None, :, :attend], attn_mask=mask,
@@ -203,9 +209,9 @@ class FastStack:
         kv_heads = first.k_proj.out_features // first.head_dim
         self.max_len = max_len
         rows = max_len + PAD_ROOM
-        shape = (len(self.weights), kv_heads, rows, first.head_dim)
-        self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.values = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        # (layers, keys/values, Hkv, rows, hd)
+        self.kv = torch.zeros((len(self.weights), 2, kv_heads, rows, first.head_dim),
+                              device=self.device, dtype=self.dtype)
         inv_freq = lm.rotary_emb.inv_freq.to(self.device, torch.float32)
         freqs = torch.arange(rows, device=self.device, dtype=torch.float32)[:, None] * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)  # (rows, head_dim)
@@ -273,24 +279,71 @@ class FastStack:
         layer_fn = self._decode_layer if n == 1 else run_layer
         kept = x
         for i, w in enumerate(self.weights):
-            x = layer_fn(x, positions, cos, sin, mask, self.keys[i], self.values[i], w, attend,
-                         n > 1)
+            x = layer_fn(x, positions, cos, sin, mask, self.kv[i], w, attend, n > 1)
             if self.export_layer == i + 1:
                 kept = x
         return self.norm(x), kept
 
-    def _graph(self, tokens: int, needed: int) -> CapturedCall:
+    def decode_with(self, name: str, fn, inputs: tuple[torch.Tensor, ...], preserve=()):
+        """One new token through the stack inside `fn(step, *inputs)`, where `step(x (1, H))`
+        returns the final normed state (1, H) at the current position: fn builds x from its
+        inputs and may go on with the state (a head, sampling), so on CUDA all of it is one graph
+        per cache bucket (`name` keeps the graphs of different fns apart; the first fn given
+        under a name is the one captured). Returns fn's outputs; on CUDA these are static
+        tensors that the next replay overwrites. `preserve`: tensors fn updates in place (state
+        such as a mask of codes seen) that the capture's warm-up runs must leave as they were."""
+        if self.length + 1 > self.max_len:
+            raise RuntimeError(f"KV cache full ({self.max_len} positions)")
+        start = torch.tensor(self.length, device=self.device)
+        if self.device.type == "cuda":
+            graph = self._step_graph(name, self._bucket(self.length + 1), fn, inputs, preserve)
+            out = graph(start, *inputs)
+        else:
+            attend = self.length + 1
+            out = fn(lambda x: self.step(x, start, attend)[0], *inputs)
+        self.length += 1
+        return out
+
+    def warm_up_decode_with(self, name: str, fn, inputs, up_to: int, preserve=()) -> None:
+        """Capture `decode_with`'s graphs for cache lengths up to `up_to` now."""
+        for bucket in BUCKETS:
+            if bucket <= self.max_len:
+                self._step_graph(name, bucket, fn, inputs, preserve)
+            if bucket >= up_to:
+                break
+
+    def _step_graph(self, name, attend, fn, inputs, preserve) -> "CapturedCall":
+        graph = self._graphs.get((name, attend))
+        if graph is None:
+            def run(start, *args):
+                return fn(lambda x: self.step(x, start, attend)[0], *args)
+
+            # As in _graph: warm-up writes a cache row nothing attends to before it is rewritten.
+            start = torch.tensor(attend - 1, device=self.device)
+            graph = CapturedCall(run, (start, *inputs), self._graph_pool(), preserve=preserve)
+            self._graphs[(name, attend)] = graph
+        return graph
+
+    def _bucket(self, needed: int) -> int:
+        """The attention length of the graphs for a cache that will hold `needed` positions."""
         attend = next((b for b in BUCKETS if b >= needed and b <= self.max_len), None)
-        attend = attend or self.max_len + PAD_ROOM
+        return attend or self.max_len + PAD_ROOM
+
+    def _graph_pool(self):
+        if self._pool is None:  # graphs replay one at a time, so they can share memory
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    def _graph(self, tokens: int, needed: int) -> CapturedCall:
+        attend = self._bucket(needed)
         graph = self._graphs.get((tokens, attend))
         if graph is None:
-            if self._pool is None:  # graphs replay one at a time, so they can share memory
-                self._pool = torch.cuda.graph_pool_handle()
             x = torch.zeros(tokens, self.hidden, device=self.device, dtype=self.dtype)
             # Warm-up writes cache rows at the end of the window, which nothing attends to
             # before real tokens overwrite them.
             start = torch.tensor(attend - tokens, device=self.device)
-            graph = CapturedCall(lambda x, s: self.step(x, s, attend), (x, start), self._pool)
+            graph = CapturedCall(lambda x, s: self.step(x, s, attend), (x, start),
+                                 self._graph_pool())
             self._graphs[(tokens, attend)] = graph
         return graph
 
@@ -309,17 +362,22 @@ class CapturedCall:
 
     Inputs are copied into static buffers; the outputs are static tensors overwritten by the next
     replay (copy what must outlive it). Warm-up runs (compilation, allocator) happen on a side
-    stream first, as capture requires.
+    stream first, as capture requires; the tensors in `preserve`, which fn updates in place,
+    get their values back after them.
     """
 
-    def __init__(self, fn, example: tuple[torch.Tensor, ...], pool=None, warmup: int = 2):
+    def __init__(self, fn, example: tuple[torch.Tensor, ...], pool=None, warmup: int = 2,
+                 preserve: tuple[torch.Tensor, ...] = ()):
         self.inputs = tuple(t.clone() for t in example)
+        saved = [t.clone() for t in preserve]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(warmup):
                 fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
+        for tensor, value in zip(preserve, saved):
+            tensor.copy_(value)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = fn(*self.inputs)

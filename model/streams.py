@@ -139,6 +139,8 @@ class TalkerStream(_StackUser):
         self.predictor = talker.code_predictor
         self.groups = talker.config.num_code_groups
         self.user_length = 0
+        self._graphed = fast and self.predictor_stack.device.type == "cuda"
+        self._frame_fn = None
         self._frame_graph = None
         self._compiled_predictor_step = None
         device = self.codec_embed.weight.device
@@ -186,25 +188,69 @@ class TalkerStream(_StackUser):
         from the code predictor. Returns (codes (16,) long, summed codec embeddings (d,)).
         On CUDA (fast) the whole frame is one graph replay; the repetition penalty's memory of
         this reply's codes is a mask (`_seen`), cleared by `start_reply`."""
-        if not (self.fast and self.predictor_stack.device.type == "cuda"):
+        if not self._graphed:
             code0 = talker_sample(logits, seen=self._seen)
             self._seen[code0] = True
             return self.residual_codes(state, code0, predictor_sample)
         if self._frame_graph is None:
             from .fast import CapturedCall
 
+            self._frame_graph = CapturedCall(self._frame_body(talker_sample, predictor_sample),
+                                             (logits, state), preserve=(self._seen,))
+        codes, total = self._frame_graph(logits, state)
+        return codes.clone(), total.clone()
+
+    def step_frame(self, embed: torch.Tensor, talker_sample, predictor_sample):
+        """`step(embed)` and then `frame` of what it gives: the next frame from the previous one's
+        summed codec embeddings plus the text, embed (d,). Returns as `frame`. On CUDA (fast)
+        the talker step, its head and the frame are one graph replay: no host work between."""
+        if not self._graphed:
+            logits, state = self.step(embed)
+            return self.frame(logits, state, talker_sample, predictor_sample)
+        codes, total = self.stack.decode_with(
+            "frame", self._step_frame_fn(talker_sample, predictor_sample), (embed,),
+            preserve=(self._seen,))
+        return codes.clone(), total.clone()
+
+    def warm_up_frames(self, up_to: int, talker_sample, predictor_sample) -> None:
+        """Capture `frame` and `step_frame` for talker caches up to `up_to` positions now."""
+        weight = self.codec_head.weight  # (vocab, d)
+        state = weight.new_zeros(weight.shape[1])
+        logits = weight.new_zeros(weight.shape[0])
+        self.frame(logits, state, talker_sample, predictor_sample)
+        if self._graphed:
+            self.stack.warm_up_decode_with(
+                "frame", self._step_frame_fn(talker_sample, predictor_sample), (state,), up_to,
+                preserve=(self._seen,))
+
+    def _frame_body(self, talker_sample, predictor_sample):
+        """The graph-capturable frame: (logits, state) -> (codes, summed embeddings). The
+        samplers of the first call are the ones kept."""
+        if self._frame_fn is None:
             pick0, pick = talker_sample.graph_safe(), predictor_sample.graph_safe()
+            if self.predictor_stack.device.type == "cuda":
+                from .fast import COMPILE_OPTIONS
+
+                # Eager, code 0's ranked top-k/top-p over 3072 ids is (V, V) tensors in memory
+                # (~0.1 ms per frame); compiled, two fused reductions.
+                pick0 = torch.compile(pick0, dynamic=False, options=COMPILE_OPTIONS)
 
             def frame(logits, state):
                 code0 = pick0(logits, seen=self._seen)
                 self._seen.index_fill_(0, code0.view(1), True)
                 return self._residual_codes_fast(state, code0, pick)
 
-            seen = self._seen.clone()
-            self._frame_graph = CapturedCall(frame, (logits, state))
-            self._seen.copy_(seen)  # warm-up and capture runs marked codes as seen
-        codes, total = self._frame_graph(logits, state)
-        return codes.clone(), total.clone()
+            self._frame_fn = frame
+        return self._frame_fn
+
+    def _step_frame_fn(self, talker_sample, predictor_sample):
+        body = self._frame_body(talker_sample, predictor_sample)
+
+        def step_frame(step, embed):
+            state = step(embed[None])[-1]  # (d,)
+            return body(self.codec_head(state), state)
+
+        return step_frame
 
     def residual_codes(self, talker_state: torch.Tensor, code0: torch.Tensor, sample) -> tuple:
         """Codebooks 1..15 of a frame from the talker state (d,) and codebook 0 (0-d long).
@@ -234,14 +280,14 @@ class TalkerStream(_StackUser):
         return torch.cat(codes), torch.cat(codec_embeds).sum(0)
 
     def _residual_codes_fast(self, talker_state, code0, sample):
-        """The same with every position a single-token step at a device-side position, so the
-        whole frame (16 steps, 15 heads, sampling) can be one CUDA graph. On CUDA each step
-        (5 layers, norm, head, sampling, next embedding) is one compiled region, reused by all
-        15 codebooks: their heads and embedding tables are inputs, not constants."""
+        """The same with fixed shapes and device-side positions, so the whole frame (15 steps,
+        15 heads, sampling) can be one CUDA graph: the first step takes positions 0 and 1 (talker
+        state, codebook 0) together, as the eager prefill does, then one code per step. On CUDA
+        each step (5 layers, norm, head, sampling, next embedding) is one compiled region, reused
+        by all codebooks: their heads and embedding tables are inputs, not constants."""
         stack = self.predictor_stack
         positions = self._predictor_positions
         first = self.codec_embed(code0.view(1))  # (1, d)
-        stack.step(talker_state.view(1, -1), positions[0], PREDICTOR_POSITIONS)
         step = self._predictor_step
         if stack.device.type == "cuda":
             if self._compiled_predictor_step is None:
@@ -252,17 +298,18 @@ class TalkerStream(_StackUser):
             step = self._compiled_predictor_step
         heads = self.predictor.lm_head
         tables = self.predictor.model.get_input_embeddings()
-        x = first
+        x = torch.cat([talker_state.view(1, -1), first])  # (2, d) at positions 0, 1
         codes, codec_embeds = [code0.view(1)], [first]
         for group in range(self.groups - 1):
-            code, x = step(x, positions[group + 1], heads[group].weight, tables[group].weight,
-                           sample)
+            start = positions[0] if group == 0 else positions[group + 1]
+            code, x = step(x, start, heads[group].weight, tables[group].weight, sample)
             codes.append(code)
             codec_embeds.append(x)
         return torch.cat(codes), torch.cat(codec_embeds).sum(0)
 
-    def _predictor_step(self, x, position, head, table, sample):
-        """x (1, d) at `position` (0-d) -> (code (1,) long, its embedding in `table` (1, d))."""
-        last, _ = self.predictor_stack.step(x, position, PREDICTOR_POSITIONS)
+    def _predictor_step(self, x, start, head, table, sample):
+        """x (n, d) at positions start.. (0-d) -> (code (1,) long of the last position, its
+        embedding in `table` (1, d))."""
+        last, _ = self.predictor_stack.step(x, start, PREDICTOR_POSITIONS)
         code = sample(F.linear(last[-1], head)).view(1)
         return code, F.embedding(code, table)

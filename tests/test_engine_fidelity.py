@@ -44,9 +44,10 @@ def mel_of(audio: np.ndarray) -> torch.Tensor:
     return torch.cat([mel.feed(audio), mel.finish()], dim=1)
 
 
-def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1, decoder="eager"):
+def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1, decoder="eager",
+                      **qwen):
     settings = tiny_settings(checkpoint, encoder_window_s=window_s, max_reply_tokens=MAX_TOKENS,
-                             decoder=decoder,
+                             decoder=decoder, **qwen,
                              packet_frames=packet_frames, first_packet_frames=first,
                              max_reply_seconds=MAX_FRAMES / 12.5)
     conv = StreamingConversation(bundle, settings, seed=0)
@@ -74,7 +75,7 @@ def run_turn(conv, audio, chunk, cancel_after_packets=None, heard=0):
 
 def one_piece(bundle, codes: torch.Tensor) -> np.ndarray:
     with torch.inference_mode():
-        return bundle.model.code2wav(codes[None])[0, 0].float().numpy()
+        return bundle.model.code2wav(codes[None])[0, 0].float().cpu().numpy()
 
 
 def assert_matches_reference(bundle, settings, conv, ids, wave, features, replies):
@@ -99,11 +100,15 @@ def test_single_turn_equals_generate(tiny_bundle, tiny_checkpoint, window_s, dec
 @pytest.mark.parametrize("window_s,decoder", [(1.0, "eager"), (2.0, "eager"), (2.0, "fast")])
 def test_two_turns_equal_generate(tiny_bundle, tiny_checkpoint, window_s, decoder):
     conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, window_s, decoder=decoder)
+    assert_two_turns_match_reference(tiny_bundle, settings, conv)
+
+
+def assert_two_turns_match_reference(bundle, settings, conv) -> None:
     first, second = user_audio(2.4, seed=2), user_audio(1.7, seed=3)
     _, _, events = run_turn(conv, first, chunk=4000)
     reply1 = list(events[-1].token_ids)
     ids, wave, _ = run_turn(conv, second, chunk=4000)
-    assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
+    assert_matches_reference(bundle, settings, conv, ids, wave,
                              [mel_of(first), mel_of(second)], [reply1])
 
 

@@ -6,22 +6,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from duplex_chat.model.fast import attend_one, moe_dense, moe_gather
+from duplex_chat.model.fast import attend_few, moe_dense, moe_gather
 
 
-@pytest.mark.parametrize("heads,kv_heads,length", [(32, 4, 37), (16, 8, 16), (16, 2, 5)])
-def test_one_token_attention_equals_sdpa(heads, kv_heads, length):
-    generator = torch.Generator().manual_seed(heads + length)
+@pytest.mark.parametrize("heads,kv_heads,length,n", [(32, 4, 37, 1), (16, 8, 16, 1), (16, 2, 5, 1),
+                                                     (16, 8, 16, 2), (32, 4, 37, 2)])
+def test_few_token_attention_equals_sdpa(heads, kv_heads, length, n):
+    generator = torch.Generator().manual_seed(heads + length + n)
     hd = 16
-    q = torch.randn(heads, 1, hd, generator=generator)
+    q = torch.randn(heads, n, hd, generator=generator)
     keys = torch.randn(kv_heads, length, hd, generator=generator)
     values = torch.randn(kv_heads, length, hd, generator=generator)
-    mask = torch.arange(length)[None, :] <= length - 3  # the last two rows not yet written
+    # causal for the n new tokens at the end of what is written; the last two rows not yet written
+    positions = torch.arange(length - 2 - n, length - 2)
+    mask = torch.arange(length)[None, :] <= positions[:, None]  # (n, L)
     expected = F.scaled_dot_product_attention(q[None], keys[None], values[None], attn_mask=mask,
-                                              scale=0.3, enable_gqa=True)[0]  # (Hq, 1, hd)
-    got = attend_one(q, keys, values, mask, 0.3)
-    assert got.shape == (1, heads * hd)
-    torch.testing.assert_close(got, expected.transpose(0, 1).reshape(1, -1), rtol=1e-5, atol=1e-6)
+                                              scale=0.3, enable_gqa=True)[0]  # (Hq, n, hd)
+    got = attend_few(q, keys, values, mask, 0.3)
+    assert got.shape == (n, heads * hd)
+    torch.testing.assert_close(got, expected.transpose(0, 1).reshape(n, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_expert_paths_agree():
@@ -34,3 +37,9 @@ def test_expert_paths_agree():
     for norm in (False, True):
         torch.testing.assert_close(moe_gather(x, router, gate_up, down, 2, norm),
                                    moe_dense(x, router, gate_up, down, 2, norm))
+
+
+def test_decode_with_equals_forward_on_cpu(tiny_bundle):
+    from .test_gpu import assert_decode_with_equals_forward
+
+    assert_decode_with_equals_forward(tiny_bundle.model.talker.model, torch.device("cpu"))
