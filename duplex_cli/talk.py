@@ -100,10 +100,15 @@ def print_devices(console: Console) -> None:
     """Print the audio devices as a table (DuplexError when PortAudio is missing)."""
     from duplex_chat.audio.devices import list_devices
 
+    devices = list_devices()
+    if not devices:
+        console.print("PortAudio sees no audio devices. Connect a microphone and a speaker, or "
+                      "start PulseAudio or PipeWire, then run this again.")
+        return
     table = Table(title="Audio devices")
     for column in ("index", "name", "host API", "in", "out", "rate", "default"):
         table.add_column(column)
-    for d in list_devices():
+    for d in devices:
         default = ", ".join(k for k, on in (("input", d.is_default_input),
                                              ("output", d.is_default_output)) if on)
         table.add_row(str(d.index), d.name, d.hostapi, str(d.max_input_channels),

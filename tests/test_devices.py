@@ -132,3 +132,27 @@ def test_virtual_devices_are_listed_and_open_at_model_rates():
         assert devices.supports_rate(mic, "input", 16000)
         assert devices.supports_rate(speaker, "output", 24000)
         assert not devices.supports_rate(mic, "input", 123)
+
+
+def _list_devices_cli() -> tuple[int, str]:
+    from typer.testing import CliRunner
+
+    from duplex_chat.cli.app import app
+
+    result = CliRunner().invoke(app, ["talk", "--list-devices"], env={"COLUMNS": "120"})
+    return result.exit_code, result.output
+
+
+def test_list_devices_prints_a_table(fake_devices):
+    code, output = _list_devices_cli()
+    assert code == 0
+    rows = {line.split("│")[2].strip(): line for line in output.splitlines() if "│" in line}
+    assert set(rows) == {d.name for d in DEVICES}
+    assert "input" in rows["USB Headset Mic"] and "output" in rows["USB Headset Speaker"]
+
+
+def test_list_devices_without_any_says_what_to_do(monkeypatch):
+    monkeypatch.setattr(devices, "list_devices", lambda: [])
+    code, output = _list_devices_cli()
+    assert code == 0
+    assert "no audio devices" in output and "PulseAudio" in output
