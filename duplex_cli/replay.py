@@ -134,10 +134,12 @@ class Printer:
         s = record.stages
         latency = (record.reply_start_s - record.end_s) if record.reply_start_s is not None else None
         parts = [f"latency {latency * 1000:.0f} ms" if latency is not None else "no audio"]
-        for key, label in (("first_token", "first token"), ("first_packet", "first packet"),
-                           ("thinker_ms_per_token", "ms/token"), ("talker_ms_per_frame", "ms/frame")):
+        for key, label, unit in (("first_token", "first token", "ms"),
+                                 ("first_packet", "first packet", "ms"),
+                                 ("thinker_ms_per_token", "thinker", "ms/token"),
+                                 ("talker_ms_per_frame", "talker", "ms/frame")):
             if key in s:
-                parts.append(f"{label} {s[key]:.0f}" if "per" in key else f"{label} {s[key]:.0f} ms")
+                parts.append(f"{label} {s[key]:.{2 if '/' in unit else 0}f} {unit}")
         self.console.print(f"\n[dim]  {', '.join(parts)}[/]")
 
     def note(self, message: str) -> None:

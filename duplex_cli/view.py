@@ -24,6 +24,10 @@ MAX_SHOWN_ENTRIES = 12  # conversation lines kept on screen
 METER_WIDTH = 20  # characters of the input level bar
 METER_FLOOR_DB = -60.0  # level shown as an empty bar
 STAGE_KEYS = ("encode_tail", "prefill", "first_token", "first_frame", "first_packet")
+STEP_COSTS = (("thinker_ms_per_token", "thinker", "token"),
+              ("talker_ms_per_frame", "talker", "frame"),
+              ("vocoder_ms_per_frame", "vocoder", "frame"))
+COUNTS = (("reply_tokens", "tokens"), ("reply_frames", "frames"))
 
 
 class TalkState(enum.Enum):
@@ -201,8 +205,17 @@ class TalkView:
 
 
 def _stage_text(stages: dict[str, float]) -> str:
-    keys = [k for k in STAGE_KEYS if k in stages] + [k for k in stages if k not in STAGE_KEYS]
-    return ", ".join(f"{k} {stages[k]:.0f} ms" for k in keys)
+    """The engine's marks (ms since the end of the turn), per-step costs and counts, each in its
+    own unit; keys this view does not know are shown as they come."""
+    parts = [f"{k} {stages[k]:.0f} ms" for k in (*STAGE_KEYS, "total") if k in stages]
+    parts += [f"{label} {stages[k]:.2f} ms/{unit}" for k, label, unit in STEP_COSTS if k in stages]
+    if "listen_ms" in stages:
+        parts.append(f"listening {stages['listen_ms']:.0f} ms")
+    parts += [f"{stages[k]:.0f} {noun}" for k, noun in COUNTS if k in stages]
+    known = {*STAGE_KEYS, "total", "listen_ms", *(k for k, _, _ in STEP_COSTS),
+             *(k for k, _ in COUNTS)}
+    parts += [f"{k} {v:g}" for k, v in stages.items() if k not in known]
+    return ", ".join(parts)
 
 
 def _meter(level_db: float) -> Text:

@@ -29,7 +29,8 @@ def test_each_state_renders_with_turns_latency_level_and_underruns():
     view.reply_started()
     view.reply_text("Sunny", 0)
     view.reply_text(" and warm.", 24_000)
-    view.set_stages({"first_packet": 62.0, "prefill": 11.0, "thinker_ms_per_token": 4.6})
+    view.set_stages({"first_packet": 62.0, "prefill": 11.0, "thinker_ms_per_token": 4.6,
+                     "reply_frames": 38.0, "new_stage": 1.5})
     text = snapshot(view)
     assert "thinking" in text and "you (1.8 s of speech)" in text
     assert "Sunny" not in text  # nothing played yet: words appear as they are spoken
@@ -40,7 +41,8 @@ def test_each_state_renders_with_turns_latency_level_and_underruns():
     text = snapshot(view)
     assert "speaking" in text and "812 ms" in text and "assistant Sunny" in text
     assert "and warm." not in text
-    assert "prefill 11 ms, first_packet 62 ms, thinker_ms_per_token 5 ms" in text
+    # marks in ms, step costs per token, counts without a unit, unknown keys as they come
+    assert "prefill 11 ms, first_packet 62 ms, thinker 4.60 ms/token, 38 frames, new_stage 1.5" in text
 
     view.reply_finished(interrupted=True)
     view.set_heard_text("Sunny and")
