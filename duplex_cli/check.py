@@ -118,7 +118,7 @@ def check_model(settings: Settings, gpu: GpuState) -> list[Row]:
     basis = "its config.json" if config is not None else "the release config"
     config = config if config is not None else release_config_dict()
     try:
-        need = footprint.gpu_bytes(config, q.torch_dtype, q.load_in_8bit)
+        need = footprint.gpu_bytes(config, q.torch_dtype, q.load_in_8bit, footprint.cache_for(q))
         weights = footprint.weight_bytes(config, q.torch_dtype, q.load_in_8bit)
         params = sum(footprint.part_params(config).values())
     except (KeyError, TypeError, ValueError) as exc:
@@ -171,15 +171,16 @@ def _smaller_options(settings: Settings, config: dict, total: int) -> str:
     """What to try when the model cannot fit in `total` bytes."""
     from duplex_chat.model import footprint
 
+    cache = footprint.cache_for(settings.qwen)
     tries = []
     for dtype, int8, flags in (("bfloat16", False, "--dtype bfloat16"),
                                ("bfloat16", True, "--dtype bfloat16 --load-in-8bit")):
         if (dtype, int8) == (settings.qwen.torch_dtype, settings.qwen.load_in_8bit):
             continue
-        need = footprint.gpu_bytes(config, dtype, int8)
+        need = footprint.gpu_bytes(config, dtype, int8, cache)
         if need <= total:
             tries.append(f"{flags} (about {_gib(need)})")
-    smallest = footprint.gpu_bytes(config, "bfloat16", True)
+    smallest = footprint.gpu_bytes(config, "bfloat16", True, cache)
     if tries:
         return "Try " + " or ".join(tries) + "."
     return (f"No setting fits this card: use a GPU with at least {_gib(smallest)} "

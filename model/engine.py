@@ -33,6 +33,7 @@ from .events import (
     TurnFinished,
     TurnStarted,
 )
+from .footprint import cache_for, max_reply_frames
 from .listener import Listener
 from .loading import ModelBundle, load_model
 from .prompt import ChatTokens
@@ -42,7 +43,6 @@ from .vocoder import StreamingVocoder
 
 SAMPLE_RATE = 16_000  # Hz, user audio
 OUTPUT_SAMPLE_RATE = 24_000  # Hz, reply audio
-FRAME_HZ = 12.5  # codec frames per second of speech
 GRAPH_WARM_UP_POSITIONS = 4096  # decode graphs captured at start cover conversations this long
 PREDICTOR_TOP_K, PREDICTOR_TOP_P = 50, 0.8  # what generate() gives the code predictor when sampling
 
@@ -76,11 +76,11 @@ class StreamingConversation:
         self.tokens = ChatTokens.from_model(self.config, bundle.tokenizer)
         self.tokenizer = bundle.tokenizer
         fast = self.q.decoder == "fast" or (self.q.decoder == "auto" and self.device.type == "cuda")
-        self.max_frames = max(1, int(self.q.max_reply_seconds * FRAME_HZ))
-        thinker_len = self.q.max_context_tokens + self.q.max_reply_tokens + 64
+        self.max_frames = max_reply_frames(self.q.max_reply_seconds)
+        thinker_len, talker_len = cache_for(self.q)  # what `check` sizes memory for, too
         self.accept_layer = self.config.talker_config.accept_hidden_layer
         self.thinker = ThinkerStream(model.thinker, fast, thinker_len, self.accept_layer)
-        self.talker = TalkerStream(model.talker, fast, thinker_len + self.max_frames + 16)
+        self.talker = TalkerStream(model.talker, fast, talker_len)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
         self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
         self.speaker_id = self._speaker_id(self.q.voice)

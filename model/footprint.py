@@ -5,8 +5,9 @@ analytically (no model is built, transformers is not imported), following the mo
 transformers' `modeling_qwen3_omni_moe.py`; tests check the counts equal the instantiated tiny
 model's, part by part, and the release config's total is the 35.26 B that DESIGN.md gives.
 
-`gpu_bytes(config, dtype, load_in_8bit)` turns that into the GPU memory `talk` needs: the weights
-of every part but the vision tower (voice chat never loads images) plus a working margin.
+`gpu_bytes(config, dtype, load_in_8bit, cache)` turns that into the GPU memory `talk` needs: the
+weights of every part but the vision tower (voice chat never loads images) plus a working margin
+(KV caches of the size the settings give them, `cache_for(qwen_settings)`, and a workspace).
 
 `hub_cache_status(model_id)` says whether a model is a local directory or sits complete in the
 Hugging Face hub cache, reading only the local disk (never the network).
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from duplex_chat.audio.constants import FRAME_HZ
+
 PARTS = ("thinker", "audio_encoder", "vision", "talker", "code_predictor", "code2wav")
 VOICE_PARTS = tuple(p for p in PARTS if p != "vision")  # what `talk` puts on the GPU
 
@@ -26,8 +29,11 @@ BYTES_PER_PARAM = {"float16": 2, "bfloat16": 2, "float32": 4}
 INT8_BYTES = 1  # bitsandbytes LLM.int8 stores nn.Linear weights as int8 (+ a per-row scale)
 INT8_SKIPPED_PARTS = ("code2wav",)  # loading.py's llm_int8_skip_modules keeps these in 16 bit
 
-# Working margin on top of the weights (document changes in the docstring of `working_margin`).
-CONTEXT_TOKENS = 8192  # conversation length the thinker's and talker's KV caches are sized for
+# KV-cache positions beyond the settings' context and reply lengths (see `cache_positions`).
+THINKER_SLACK_TOKENS = 64  # a user turn's closing tokens and the assistant header
+TALKER_SLACK_FRAMES = 16
+FAST_PAD_ROWS = 64  # rows past capacity that model/fast.py's padded prefills may write (PAD_ROOM)
+# Working margin on top of the weights and caches (document changes in `working_margin`).
 ACTIVATION_WORKSPACE_BYTES = 2 * 1024**3  # prefill activations, MoE buffers, cuBLAS workspace,
 #                                           allocator fragmentation, code2wav and encoder activations
 
@@ -207,18 +213,42 @@ def resolve_dtype(config: Mapping[str, Any], torch_dtype: str) -> str:
     return saved if saved in BYTES_PER_PARAM else "float32"
 
 
-def working_margin(config: Mapping[str, Any], dtype: str) -> int:
-    """Bytes beyond the weights: KV caches for CONTEXT_TOKENS plus ACTIVATION_WORKSPACE_BYTES.
+def max_reply_frames(max_reply_seconds: float) -> int:
+    """Codec frames a reply may have."""
+    return max(1, int(max_reply_seconds * FRAME_HZ))
 
-    Thinker KV: layers x 2 (k, v) x kv_heads x head_dim x bytes per token (release, bf16:
-    96 KiB/token, 0.75 GiB at 8192 tokens); the talker's cache adds 20 KiB/token. The fixed
-    2 GiB covers prefill activations, MoE routing buffers, cuBLAS workspace, encoder and
-    code2wav activations and allocator fragmentation. Release config in bf16: ~2.9 GiB in all.
+
+def cache_positions(max_context_tokens: int, max_reply_tokens: int,
+                    max_reply_seconds: float) -> tuple[int, int]:
+    """Positions of the thinker's and the talker's KV caches, as the engine allocates them: the
+    thinker holds the context, a reply and a turn's closing tokens; the talker holds as many
+    positions plus a reply's codec frames."""
+    thinker = max_context_tokens + max_reply_tokens + THINKER_SLACK_TOKENS
+    return thinker, thinker + max_reply_frames(max_reply_seconds) + TALKER_SLACK_FRAMES
+
+
+def cache_for(qwen: Any) -> tuple[int, int]:
+    """`cache_positions` for a QwenSettings."""
+    return cache_positions(qwen.max_context_tokens, qwen.max_reply_tokens, qwen.max_reply_seconds)
+
+
+def working_margin(config: Mapping[str, Any], dtype: str, cache: tuple[int, int]) -> int:
+    """Bytes beyond the weights: the KV caches for `cache` = (thinker, talker) positions (plus
+    the fast decoder's pad rows) and ACTIVATION_WORKSPACE_BYTES.
+
+    Per position: layers x 2 (k, v) x kv_heads x head_dim x bytes (release, bf16: thinker
+    96 KiB, talker 20 KiB; at the default 16 384-token context 1.6 + 0.4 GiB). The fixed
+    2 GiB covers prefill activations, MoE routing buffers, CUDA-graph pools, cuBLAS workspace,
+    encoder and code2wav activations, the CUDA context and allocator fragmentation (the
+    H200 benchmark of 2026-12-04 measured 1.1 GiB allocated beyond weights and caches).
+    Release config in bf16, default settings: ~3.9 GiB in all.
     """
-    per_token = 0
-    for cfg in (config["thinker_config"]["text_config"], config["talker_config"]["text_config"]):
-        per_token += cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * _head_dim(cfg)
-    return per_token * BYTES_PER_PARAM[dtype] * CONTEXT_TOKENS + ACTIVATION_WORKSPACE_BYTES
+    total = ACTIVATION_WORKSPACE_BYTES
+    stacks = (config["thinker_config"]["text_config"], config["talker_config"]["text_config"])
+    for cfg, positions in zip(stacks, cache):
+        per_position = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * _head_dim(cfg)
+        total += per_position * BYTES_PER_PARAM[dtype] * (positions + FAST_PAD_ROWS)
+    return total
 
 
 def weight_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool) -> int:
@@ -239,12 +269,14 @@ def weight_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool
             + (quantised.experts + quantised.other + kept) * unquantised)
 
 
-def gpu_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool) -> int:
-    """Estimated GPU memory for `talk`: weights without the vision tower + working margin."""
+def gpu_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool,
+              cache: tuple[int, int]) -> int:
+    """Estimated GPU memory for `talk`: weights without the vision tower + working margin, with
+    KV caches of `cache` = (thinker, talker) positions (`cache_for(settings.qwen)`)."""
     dtype = resolve_dtype(config, torch_dtype)
     if load_in_8bit and dtype == "float32":
         dtype = "float16"
-    return weight_bytes(config, torch_dtype, load_in_8bit) + working_margin(config, dtype)
+    return weight_bytes(config, torch_dtype, load_in_8bit) + working_margin(config, dtype, cache)
 
 
 # ----------------------------------------------------------------------------- the local cache

@@ -16,7 +16,7 @@ import torch
 
 from duplex_chat.config import DuplexError, QwenSettings
 
-from .footprint import gpu_bytes, looks_like_path
+from .footprint import cache_for, gpu_bytes, looks_like_path
 from .footprint import resolve_dtype as footprint_dtype
 
 MODEL_TYPE = "qwen3_omni_moe"
@@ -230,7 +230,7 @@ def _int8_config(device: torch.device):
 
 def _oom_error(device: torch.device, settings: QwenSettings, config: dict) -> DuplexError:
     free, total = torch.cuda.mem_get_info(device)
-    need = gpu_bytes(config, settings.torch_dtype, settings.load_in_8bit) / GIB
+    need = gpu_bytes(config, settings.torch_dtype, settings.load_in_8bit, cache_for(settings)) / GIB
     return DuplexError(
         f"Out of GPU memory while loading: the model needs about {need:.0f} GiB, "
         f"{device} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB.",

@@ -79,8 +79,15 @@ def test_release_gpu_bytes():
     int8 = footprint.weight_bytes(cfg, "bfloat16", True)
     experts = sum(c.experts for c in footprint.part_counts(cfg).values())
     assert experts * 2 < int8 < weights  # the fused experts stay 16-bit under bitsandbytes
-    margin = footprint.gpu_bytes(cfg, "bfloat16", False) - weights
-    assert 2 * GIB < margin < 4 * GIB
+    default = footprint.cache_for(load_settings(environ={}).qwen)
+    assert default == (16384 + 512 + 64, 16384 + 512 + 64 + 1500 + 16)  # 120 s replies
+    margin = footprint.gpu_bytes(cfg, "bfloat16", False, default) - weights
+    rows = (default[0] + footprint.FAST_PAD_ROWS, default[1] + footprint.FAST_PAD_ROWS)
+    kv = (96 * rows[0] + 20 * rows[1]) * 1024  # thinker 96 KiB, talker 20 KiB per position
+    assert margin == kv + footprint.ACTIVATION_WORKSPACE_BYTES
+    # the largest context the settings allow: 6.1 GiB of thinker cache, 74 GiB in all
+    longest = footprint.cache_positions(65536, 512, 120.0)
+    assert footprint.gpu_bytes(cfg, "bfloat16", False, longest) / GIB == pytest.approx(74.0, abs=0.1)
 
 
 def _fake_hub_repo(cache, model_id, shards, present):
@@ -120,7 +127,7 @@ def _fit(gpu_free_gib: float, gpu_total_gib: float, **overrides):
     settings = load_settings(overrides={f"qwen.{k}": v for k, v in overrides.items()}, environ={})
     gpu = check.GpuState(True, ("Fake GPU",), ((int(gpu_free_gib * GIB), int(gpu_total_gib * GIB)),))
     need = footprint.gpu_bytes(release_config_dict(), settings.qwen.torch_dtype,
-                               settings.qwen.load_in_8bit)
+                               settings.qwen.load_in_8bit, footprint.cache_for(settings.qwen))
     return check._fit_row(settings, gpu, need, release_config_dict())
 
 
