@@ -156,10 +156,8 @@ def test_chunk_sizes_do_not_change_the_reply(tiny_bundle, tiny_checkpoint):
 
 def test_long_conversation_drops_oldest_turns_and_stays_exact(tiny_bundle, tiny_checkpoint):
     """When the next turn would not fit, the oldest turns go, the rest is prefilled again, and
-    the reply's text still equals generate() on the history that was kept.
-
-    Codes are not compared here: after a rebuild they matched generate() for the first 10
-    frames and then parted (seen once, not yet explained; see the closing note of issue 3)."""
+    the reply still equals generate() on the history that was kept: the same text, and the same
+    codes up to a near tie (see NEAR_TIE)."""
     conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, 1.0)
     conv.max_context = 150  # a tiny context, so that a few turns overflow it
     conv._turn_budget_tokens = lambda: 20  # room kept for a 1-2 s turn
@@ -171,6 +169,7 @@ def test_long_conversation_drops_oldest_turns_and_stays_exact(tiny_bundle, tiny_
         trimmed += [e for e in events if isinstance(e, HistoryTrimmed)]
         # bounded: what fits plus at most one turn's overshoot of the room kept for it
         assert conv.thinker.length <= conv.max_context + 40
+    choices = _record_code0_choices(conv)
     ids, wave, events = run_turn(conv, audios[-1], chunk=4000)
     trimmed += [e for e in events if isinstance(e, HistoryTrimmed)]
     assert trimmed and sum(e.dropped_turns for e in trimmed) >= 1
@@ -179,3 +178,34 @@ def test_long_conversation_drops_oldest_turns_and_stays_exact(tiny_bundle, tiny_
     ref = reference_reply(tiny_bundle, settings.qwen, [mel_of(a) for a in audios[-kept - 1:]],
                           replies[len(replies) - kept:], max_frames=MAX_FRAMES)
     assert ids == ref.reply_ids
+    assert_codes_equal_up_to_a_near_tie(conv.last_codes, ref.codes, choices)
+
+
+# Closer than this, greedy's choice is up to rounding: prefilling the history in other pieces than
+# generate() does swapped frame 10's two best codes, 4.6e-4 apart (the third was 0.047 behind).
+NEAR_TIE = 1e-3
+
+
+def _record_code0_choices(conv) -> list[tuple[int, float]]:
+    """Spy on the talker's sampler: per frame, (runner-up id, its distance to the choice)."""
+    choices = []
+    sampler = conv.talker_sampler
+
+    def spy(logits, **kwargs):
+        top = sampler._penalized(logits, kwargs.get("seen")).topk(2)
+        choices.append((int(top.indices[1]), float(top.values[0] - top.values[1])))
+        return sampler(logits, **kwargs)
+
+    conv.talker_sampler = spy
+    return choices
+
+
+def assert_codes_equal_up_to_a_near_tie(codes, ref_codes, choices) -> None:
+    """Equal codes, or equal up to a frame whose code 0 was the engine's runner-up in a near tie."""
+    frames = min(codes.shape[1], ref_codes.shape[1])
+    same = (codes[:, :frames] == ref_codes[:, :frames]).all(0).tolist()
+    if all(same):
+        return
+    first = same.index(False)
+    runner_up, margin = choices[first]
+    assert int(ref_codes[0, first]) == runner_up and margin < NEAR_TIE, (first, choices[first])
