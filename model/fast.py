@@ -25,7 +25,7 @@ PAD_ROOM = TOKEN_BUCKETS[-1]  # cache rows past capacity that padded prefills ma
 COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
 # Attention of a step this short, over a window this long, is written out (`attend_few`); longer
 # ones use SDPA. Written out won at the code predictor's 16 rows and a 512-row thinker window
-# (4.43 -> 4.24 ms/token) but lost to cuDNN's kernel at 2048 rows (4.16 -> 4.42; H200).
+# (4.43 -> 4.24 ms/token, H200); longer windows keep SDPA's flash kernel, not yet timed against it.
 FEW_QUERIES = 2
 WRITTEN_OUT_MAX_ROWS = 512
 
