@@ -101,16 +101,15 @@ def run_variant(variant: str) -> dict:
             thinker.stack.length = long_th  # rows past the prefill hold zeros: timing only
             conv.thinker_sampler(thinker.step(token))
 
-        for name, fn in _named(frame, step_frame, talker_step, thinker_step, thinker_step_2k):
+        steps = (frame, step_frame, talker_step, thinker_step, thinker_step_2k)
+        result["steps"] = [fn.__name__ for fn in steps]
+        for fn in steps:
+            name = fn.__name__
             result[name + "_ms"] = round(_time(fn), 3)
             count, top = _kernels(fn)
             result[name + "_kernels"] = count
             result[name + "_top"] = top
     return result
-
-
-def _named(*fns):
-    return [(fn.__name__, fn) for fn in fns]
 
 
 def _separate_predictor_steps(self, talker_state, code0, sample):
@@ -129,9 +128,6 @@ def _separate_predictor_steps(self, talker_state, code0, sample):
     return torch.cat(codes), torch.cat(embeds).sum(0)
 
 
-STEP_NAMES = ("frame", "step_frame", "talker_step", "thinker_step", "thinker_step_2k")
-
-
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--one":
         print("RESULT " + json.dumps(run_variant(sys.argv[2])), flush=True)
@@ -146,7 +142,7 @@ def main() -> None:
             continue
         result = json.loads(lines[0][7:])
         print(f"== {variant} ({time.perf_counter() - began:.0f} s, setup {result['setup_s']} s)")
-        for step in STEP_NAMES:
+        for step in result["steps"]:
             print(f"  {step}: {result[step + '_ms']} ms, {result[step + '_kernels']} kernels")
             for name, n, us in result[step + "_top"][:8]:
                 print(f"      {us:9.1f} us {n:5d}x {name}")

@@ -141,6 +141,7 @@ class TalkerStream(_StackUser):
         self.user_length = 0
         self._graphed = fast and self.predictor_stack.device.type == "cuda"
         self._frame_fn = None
+        self._step_frame = None
         self._frame_graph = None
         self._compiled_predictor_step = None
         device = self.codec_embed.weight.device
@@ -244,13 +245,16 @@ class TalkerStream(_StackUser):
         return self._frame_fn
 
     def _step_frame_fn(self, talker_sample, predictor_sample):
-        body = self._frame_body(talker_sample, predictor_sample)
+        """`decode_with`'s fn for `step_frame`: made once, as its graphs keep the first one."""
+        if self._step_frame is None:
+            body = self._frame_body(talker_sample, predictor_sample)
 
-        def step_frame(step, embed):
-            state = step(embed[None])[-1]  # (d,)
-            return body(self.codec_head(state), state)
+            def step_frame(step, embed):
+                state = step(embed[None])[-1]  # (d,)
+                return body(self.codec_head(state), state)
 
-        return step_frame
+            self._step_frame = step_frame
+        return self._step_frame
 
     def residual_codes(self, talker_state: torch.Tensor, code0: torch.Tensor, sample) -> tuple:
         """Codebooks 1..15 of a frame from the talker state (d,) and codebook 0 (0-d long).

@@ -79,6 +79,9 @@ def test_release_gpu_bytes():
     int8 = footprint.weight_bytes(cfg, "bfloat16", True)
     experts = sum(c.experts for c in footprint.part_counts(cfg).values())
     assert experts * 2 < int8 < weights  # the fused experts stay 16-bit under bitsandbytes
+    from duplex_chat.model.fast import PAD_ROOM
+
+    assert footprint.FAST_PAD_ROWS == PAD_ROOM  # footprint's copy, kept free of torch
     default = footprint.cache_for(load_settings(environ={}).qwen)
     assert default == (16384 + 512 + 64, 16384 + 512 + 64 + 1500 + 16)  # 120 s replies
     margin = footprint.gpu_bytes(cfg, "bfloat16", False, default) - weights
