@@ -55,7 +55,7 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
 
     from .loading import _drop_vision, quiet_transformers
     from .reference_config import release_config_dict
-    from .tiny import build_tiny_tokenizer
+    from .tiny import build_tiny_tokenizer, init_talker_moe
 
     started = time.perf_counter()
     quiet_transformers()
@@ -68,6 +68,7 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
+    init_talker_moe(model)
     _drop_vision(model)
     model.eval()
     torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -204,3 +204,19 @@ def test_8bit_when_auto_finds_no_gpu(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     message = load_error(tiny_checkpoint, device_map="auto", load_in_8bit=True)
     assert "load_in_8bit" in message and "CUDA GPU" in message and "cpu" in message
+
+
+def test_tiny_model_is_the_same_every_time():
+    """Every weight comes from the seed, none from uninitialised memory or left at zero
+    (transformers leaves the talker's router at zeros and its experts empty; `init_talker_moe`
+    draws them)."""
+    from duplex_chat.model.tiny import build_tiny_model
+
+    first, second = build_tiny_model().state_dict(), build_tiny_model().state_dict()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name
+        if tensor.is_floating_point():
+            assert torch.isfinite(tensor).all(), name
+    for part in ("gate.weight", "experts.gate_up_proj", "experts.down_proj"):
+        drawn = first[f"talker.model.layers.0.mlp.{part}"]
+        assert 0.015 < drawn.std() < 0.025, part  # initializer_range 0.02, like the thinker's
