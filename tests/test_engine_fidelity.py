@@ -11,6 +11,8 @@ for how those differ from the offline extractor's).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -81,13 +83,18 @@ def one_piece(bundle, codes: torch.Tensor) -> np.ndarray:
 def assert_matches_reference(bundle, settings, conv, ids, wave, features, replies, choices=None):
     """The same reply ids and codes as generate(); with `choices` (see `_record_choices`) the
     codes may part at a near tie. The streamed waveform equals code2wav on the codes in one piece."""
-    ref = reference_reply(bundle, settings.qwen, features, replies, max_frames=MAX_FRAMES)
+    ref_logits: list[list[torch.Tensor]] = []
+    with _predictor_logits(bundle.model, ref_logits):
+        ref = reference_reply(bundle, settings.qwen, features, replies, max_frames=MAX_FRAMES)
     assert ids == ref.reply_ids
     assert ref.codes is not None and ref.codes.shape[1] > 0
+    frames = ref.codes.shape[1]
+    caught = torch.stack([torch.stack(book[:frames]).argmax(-1) for book in ref_logits])
+    assert torch.equal(caught.to(ref.codes.device), ref.codes[1:])  # the hooks read it right
     if choices is None:
         assert torch.equal(conv.last_codes, ref.codes)
     else:
-        assert_codes_equal_up_to_a_near_tie(conv.last_codes, ref.codes, choices)
+        assert_codes_equal_up_to_a_near_tie(conv.last_codes, ref.codes, choices, ref_logits)
     expected = one_piece(bundle, conv.last_codes)
     assert wave.shape == expected.shape
     assert np.abs(wave - expected).max() < 1e-4
@@ -193,6 +200,21 @@ def test_long_conversation_drops_oldest_turns_and_stays_exact(tiny_bundle, tiny_
 NEAR_TIE = 1e-3
 
 
+def test_a_near_tie_is_judged_by_generates_logits_without_sampler_notes():
+    codes = torch.tensor([[5, 6], [1, 2], [3, 4]])  # (books, frames)
+    ref = codes.clone()
+    ref[2, 1] = 9  # frame 1, codebook 2
+    logits = [[torch.zeros(10), torch.zeros(10)] for _ in range(2)]
+    logits[1][1][9], logits[1][1][4] = 1.0, 1.0 - NEAR_TIE / 2  # generate()'s top two
+    assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
+    logits[1][1][4] = 1.0 - 2 * NEAR_TIE
+    with pytest.raises(AssertionError):
+        assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
+    ref[0, 1] = 7  # code 0 differs first: its logits are processed, so no judging by them
+    with pytest.raises(AssertionError, match="no sampler notes"):
+        assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
+
+
 class _Spy:
     """A sampler that notes, per call, (runner-up id, its distance to the best) before sampling."""
 
@@ -217,15 +239,42 @@ def _record_choices(conv) -> list[tuple[int, float]]:
     return notes
 
 
-def assert_codes_equal_up_to_a_near_tie(codes, ref_codes, choices) -> None:
+@contextlib.contextmanager
+def _predictor_logits(model, sink: list):
+    """While inside, catch generate()'s code-predictor logits: sink[k - 1][f] is frame f's
+    codebook k (vocab,). Each frame calls each codebook's head once, in frame order."""
+    heads = model.talker.code_predictor.lm_head
+    sink[:] = [[] for _ in heads]
+    hooks = [head.register_forward_hook(
+        lambda _module, _inputs, out, seen=seen: seen.append(out[0, -1].float()))
+        for head, seen in zip(heads, sink)]
+    try:
+        yield sink
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_codes_equal_up_to_a_near_tie(codes, ref_codes, choices, ref_logits) -> None:
     """Equal codes (16, frames), or equal up to the first code that differs, where generate()
-    took the engine's runner-up of a near tie."""
+    took the engine's runner-up of a near tie: by the engine's sampler notes, or, where its
+    samplers ran inside a CUDA graph and noted nothing, by generate()'s logits (the engine took
+    generate()'s runner-up; codebooks 1-15, whose greedy choice is a plain argmax)."""
     frames = min(codes.shape[1], ref_codes.shape[1])
     differ = (codes[:, :frames] != ref_codes[:, :frames]).T.flatten().nonzero()  # frame-major
     if not len(differ):
         return
     first = int(differ[0])
     frame, book = divmod(first, codes.shape[0])
-    assert first < len(choices), f"frame {frame} codebook {book} differs; no sampler notes"
-    runner_up, margin = choices[first]
-    assert int(ref_codes[book, frame]) == runner_up and margin < NEAR_TIE, (frame, book, margin)
+    if first < len(choices):
+        runner_up, margin = choices[first]
+        assert int(ref_codes[book, frame]) == runner_up and margin < NEAR_TIE, (frame, book,
+                                                                                margin)
+        return
+    assert book > 0 and frame < len(ref_logits[book - 1]), (
+        f"frame {frame} codebook {book} differs; no sampler notes")
+    top = ref_logits[book - 1][frame].topk(2)
+    margin = float(top.values[0] - top.values[1])
+    assert int(top.indices[0]) == int(ref_codes[book, frame])  # the notes are this frame's
+    assert int(codes[book, frame]) == int(top.indices[1]) and margin < NEAR_TIE, (frame, book,
+                                                                                  margin)
