@@ -68,7 +68,7 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
-    init_talker_moe(model)
+    init_talker_moe(model.talker)
     _drop_vision(model)
     model.eval()
     torch.cuda.empty_cache() if device.type == "cuda" else None

@@ -55,6 +55,25 @@ class _Turn:
     reply_ids: list[int] = field(default_factory=list)  # reply text ids, no end token
 
 
+def stage_samplers(q, talker_config, device: torch.device,
+                   generator: torch.Generator) -> tuple[Sampler, Sampler, Sampler]:
+    """The thinker's, the talker's (code 0) and the code predictor's samplers, set up as
+    generate() sets them up for the `q` (QwenSettings) given."""
+    vocab = talker_config.text_config.vocab_size
+    eos = talker_config.codec_eos_token_id
+    # generate() suppresses the codec vocabulary's top 1024 ids (control codes) but the end code
+    suppress = torch.tensor([i for i in range(vocab - 1024, vocab) if i != eos], device=device)
+    return (
+        Sampler(SamplingSettings(q.greedy, q.thinker_temperature, q.thinker_top_k,
+                                 q.thinker_top_p), generator=generator),
+        Sampler(SamplingSettings(q.greedy, q.talker_temperature, q.talker_top_k, q.talker_top_p,
+                                 q.talker_repetition_penalty), suppress=suppress,
+                generator=generator),
+        Sampler(SamplingSettings(q.greedy, 1.0, PREDICTOR_TOP_K, PREDICTOR_TOP_P),
+                generator=generator),
+    )
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so host clocks measure it."""
     if device.type == "cuda":
@@ -86,7 +105,9 @@ class StreamingConversation:
         self.speaker_id = self._speaker_id(self.q.voice)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-        self._samplers(generator)
+        self.codec_eos = self.config.talker_config.codec_eos_token_id
+        self.thinker_sampler, self.talker_sampler, self.predictor_sampler = stage_samplers(
+            self.q, self.config.talker_config, self.device, generator)
         if fast and self.device.type == "cuda":
             self._capture_graphs()
         self._cancel = threading.Event()
@@ -335,21 +356,6 @@ class StreamingConversation:
             raise DuplexError(f"Unknown voice {voice!r}; this model has "
                               f"{', '.join(sorted(s.capitalize() for s in speakers))}.")
         return speakers[voice.lower()]
-
-    def _samplers(self, generator: torch.Generator) -> None:
-        q = self.q
-        tc = self.config.talker_config
-        vocab = tc.text_config.vocab_size
-        self.codec_eos = tc.codec_eos_token_id
-        suppress = torch.tensor([i for i in range(vocab - 1024, vocab) if i != self.codec_eos],
-                                device=self.device)
-        self.thinker_sampler = Sampler(SamplingSettings(
-            q.greedy, q.thinker_temperature, q.thinker_top_k, q.thinker_top_p), generator=generator)
-        self.talker_sampler = Sampler(SamplingSettings(
-            q.greedy, q.talker_temperature, q.talker_top_k, q.talker_top_p,
-            q.talker_repetition_penalty), suppress=suppress, generator=generator)
-        self.predictor_sampler = Sampler(SamplingSettings(
-            q.greedy, 1.0, PREDICTOR_TOP_K, PREDICTOR_TOP_P), generator=generator)
 
     # ----- long conversations -----------------------------------------------------------------
 

@@ -105,11 +105,13 @@ def _dense_mlp(x, gate_up, down):
     return F.linear(F.silu(gate) * up, down)
 
 
-def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe: bool):
+def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe: bool,
+              written_out: bool = False):
     """One decoder layer for tokens x (n, H) at `positions` (n,) (device tensor), attending to
     cache rows [0, attend) under `mask` (n, attend). kv: (2, Hkv, rows, hd), keys then values,
-    written at `positions` (both in one write: one kernel, not two). Pure tensor code: one
-    compiled or captured version serves every layer of the same shapes."""
+    written at `positions` (both in one write: one kernel, not two). `written_out`: attention by
+    `attend_few` instead of SDPA. Pure tensor code: one compiled or captured version serves every
+    layer of the same shapes."""
     n, hd = x.shape[0], kv.shape[-1]
     h = _rms(x, w["ln1"], w["eps"])
     q, k, v = F.linear(h, w["wqkv"]).split(w["qkv_split"], dim=-1)
@@ -120,7 +122,7 @@ def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe:
     k = k * cos + _rotate_half(k) * sin
     kv.index_copy_(2, positions, torch.stack([k, v]))
     keys, values = kv[0], kv[1]
-    if n <= FEW_QUERIES and attend <= WRITTEN_OUT_MAX_ROWS:
+    if written_out:
         att = attend_few(q, keys[:, :attend], values[:, :attend], mask, w["scaling"])
     else:
         att = F.scaled_dot_product_attention(
@@ -217,6 +219,7 @@ class FastStack:
         emb = torch.cat((freqs, freqs), dim=-1)  # (rows, head_dim)
         self.cos, self.sin = emb.cos().to(self.dtype), emb.sin().to(self.dtype)
         self.export_layer = export_layer
+        self.written_out_rows = WRITTEN_OUT_MAX_ROWS  # longest window attended by `attend_few`
         self.length = 0
         self._graphs: dict[tuple[int, int], CapturedCall] = {}
         self._pool = None
@@ -277,9 +280,10 @@ class FastStack:
         cos, sin = self.cos.index_select(0, positions), self.sin.index_select(0, positions)
         mask = torch.arange(attend, device=self.device)[None, :] <= positions[:, None]
         layer_fn = self._decode_layer if n == 1 else run_layer
+        written_out = n <= FEW_QUERIES and attend <= self.written_out_rows
         kept = x
         for i, w in enumerate(self.weights):
-            x = layer_fn(x, positions, cos, sin, mask, self.kv[i], w, attend, n > 1)
+            x = layer_fn(x, positions, cos, sin, mask, self.kv[i], w, attend, n > 1, written_out)
             if self.export_layer == i + 1:
                 kept = x
         return self.norm(x), kept

@@ -92,11 +92,11 @@ def build_tiny_model(encoder_window_s: float = 2.0, seed: int = 0):
     config = Qwen3OmniMoeConfig(**tiny_config_dict(encoder_window_s))
     torch.manual_seed(seed)
     model = Qwen3OmniMoeForConditionalGeneration(config)
-    init_talker_moe(model)
+    init_talker_moe(model.talker)
     return model.eval()
 
 
-def init_talker_moe(model) -> None:
+def init_talker_moe(talker) -> None:
     """Draw the talker's MoE router and expert weights as transformers draws the thinker's.
 
     transformers' `_init_weights` (5.17) initialises the thinker's router and experts but not the
@@ -105,9 +105,9 @@ def init_talker_moe(model) -> None:
     keep whatever `torch.empty` memory held (tiny denormals, now and then NaN). Models built
     from a config (the tiny test model, `bench --random-weights`) need them drawn; checkpoints
     carry their own."""
-    std = getattr(model.talker.config, "initializer_range", 0.02)
+    std = getattr(talker.config, "initializer_range", 0.02)
     with torch.no_grad():
-        for layer in model.talker.model.layers:
+        for layer in talker.model.layers:
             mlp = layer.mlp
             if hasattr(mlp, "experts"):
                 for weight in (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj):
