@@ -20,9 +20,33 @@ import torch.nn.functional as F
 BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # attention lengths with graphs
 TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64)  # input sizes with graphs (shorter inputs are padded)
 PAD_ROOM = TOKEN_BUCKETS[-1]  # cache rows past capacity that padded prefills may write
-# Coordinate-descent tuning also makes inductor write one-token matmuls as Triton reductions,
-# which fuse with the norms, activations and residual adds around them (fewer, fuller kernels).
-COMPILE_OPTIONS = {"coordinate_descent_tuning": True}
+# Decode steps are bound by kernel count, not bytes, so every option here is about kernels.
+# Coordinate-descent tuning makes inductor write one-token matmuls as Triton reductions, which
+# fuse with the norms, activations and residual adds around them (fewer, fuller kernels). Combo
+# kernels merge independent small kernels (q and k norms, say) into one launch; programmatic
+# dependent launch (Hopper on) lets each kernel start while the one before it drains. The two
+# last took a talker step + frame from 3.96 to 3.66 ms (H200, benchmarks/talker_micro.py).
+WANTED_OPTIONS = {"coordinate_descent_tuning": True, "combo_kernels": True,
+                  "triton.enable_pdl": True}
+
+
+def inductor_options(wanted: dict) -> dict:
+    """Those of `wanted` that this torch's inductor knows: torch.compile rejects unknown options,
+    and programmatic dependent launch is newer than the oldest torch we support."""
+    import torch._inductor.config as inductor
+
+    known = {}
+    for name, value in wanted.items():
+        owner = inductor
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        if owner is not None and hasattr(owner, leaf):
+            known[name] = value
+    return known
+
+
+COMPILE_OPTIONS = inductor_options(WANTED_OPTIONS)
 # Attention of a step this short, over a window this long, is written out (`attend_few`); longer
 # ones use SDPA. Written out won at the code predictor's 16 rows and a 512-row thinker window
 # (4.43 -> 4.24 ms/token, H200); longer windows keep SDPA's flash kernel, not yet timed against it.

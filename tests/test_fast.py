@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from duplex_chat.model.fast import attend_few, moe_dense, moe_gather
+from duplex_chat.model.fast import attend_few, inductor_options, moe_dense, moe_gather
 
 
 @pytest.mark.parametrize("heads,kv_heads,length,n", [(32, 4, 37, 1), (16, 8, 16, 1), (16, 2, 5, 1),
@@ -43,3 +43,13 @@ def test_decode_with_equals_forward_on_cpu(tiny_bundle):
     from .test_gpu import assert_decode_with_equals_forward
 
     assert_decode_with_equals_forward(tiny_bundle.model.talker.model, torch.device("cpu"))
+
+
+def test_compile_options_unknown_to_this_torch_are_left_out():
+    wanted = {"coordinate_descent_tuning": True, "triton.cudagraphs": False,
+              "no_such_option": 1, "triton.no_such_option": 2, "no_such_group.option": 3}
+    assert inductor_options(wanted) == {"coordinate_descent_tuning": True,
+                                        "triton.cudagraphs": False}
+    with pytest.raises(RuntimeError):  # what happened to every compile before the filter
+        torch.compile(lambda x: x + 1, options=wanted)
+    torch.compile(lambda x: x + 1, options=inductor_options(wanted))  # options checked here
