@@ -4,8 +4,10 @@
 # carried in .whl/), then runs `duplex-chat bench` and keeps the outputs in $OUT.
 #   bash benchmarks/gpu_bench.sh [extra bench flags...]
 #   MICRO="base tuned" bash benchmarks/gpu_bench.sh ...   # step micro-benchmarks first
-#   TESTS=1 ...                                            # the GPU tests first (pytest -m gpu)
+#   TESTS=1 ...                                            # the GPU tests, in the background
 #   TALKER_MICRO="tuned pdl" ...                           # talker micro-benchmark (beside TESTS)
+#   VERIFY32=1 ...                                         # bench --verify's float32 check alone
+#   PROFILE=1 ...                                          # benchmarks/profile_steps.py
 #   BENCH=0 ...                                            # skip the bench itself
 set -euo pipefail
 OUT=${OUT:-/tmp/bench-out}
@@ -17,9 +19,13 @@ python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+# The GPU tests run in the background: beside the talker micro-benchmark's compilation (it times
+# after them), the float32 check and the bench's compilation (longer than the tests); the step
+# micro-benchmark and the profile wait for them. Their result is printed at the end.
 done_file=$(mktemp -u)
+wait_for_tests() { while [ ! -e "$done_file" ]; do sleep 1; done; }
+trap 'wait; [ -z "${TESTS:-}" ] || grep -v DEBUG "$OUT/tests.txt" | tail -25' EXIT
 if [ -n "${TESTS:-}" ]; then
-    # in the background: the talker micro-benchmark compiles meanwhile and times after it
     (timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
         > "$OUT/tests.txt" 2>&1 || echo "tests exit $?" >> "$OUT/tests.txt"; touch "$done_file") &
 else
@@ -30,14 +36,21 @@ if [ -n "${TALKER_MICRO:-}" ]; then
     MICRO_WAIT_FOR=$done_file timeout "${MICRO_TIMEOUT:-540}" python3 benchmarks/talker_micro.py \
         $TALKER_MICRO 2>&1 | tee "$OUT/talker-micro.txt" || echo "talker micro exit $?"
 fi
-# The tests may still run beside the bench's compile (it takes longer than they do); their
-# result is printed at the end.
-trap 'wait; [ -z "${TESTS:-}" ] || grep -v DEBUG "$OUT/tests.txt" | tail -25' EXIT
 if [ -n "${MICRO:-}" ]; then
+    wait_for_tests  # its timings need the GPU to itself
     # shellcheck disable=SC2086
     timeout "${MICRO_TIMEOUT:-300}" python3 benchmarks/step_micro.py $MICRO 2>&1 | tee "$OUT/micro.txt" || echo "micro exit $?"
 fi
-if [ -n "${PROFILE:-}" ]; then python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi
+if [ -n "${VERIFY32:-}" ]; then  # bench --verify's float32 check alone (no engine measurement)
+    timeout "${VERIFY32_TIMEOUT:-400}" python3 -c "
+import json
+from duplex_chat.config import load_settings
+from duplex_chat.model import bench
+print(json.dumps(bench.verify_float32(bench.verify_settings(load_settings()))))" \
+        > "$OUT/verify32.json" 2> "$OUT/verify32.err" || echo "verify32 exit $?"
+    cat "$OUT/verify32.json"
+fi
+if [ -n "${PROFILE:-}" ]; then wait_for_tests; python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi
 [ "${BENCH:-1}" = 1 ] || exit 0
 status=0
 timeout "${BENCH_TIMEOUT:-540}" python3 -m duplex_chat.cli.app bench --random-weights --json "$@" \

@@ -56,7 +56,7 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
     }
     summary, _ = bench.engine_benchmark(bundle, settings, turns=turns, warmup=2, user_s=user_s)
     report["engine"] = summary
-    short = settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
+    short = bench.verify_settings(settings)
     extras = []
     if verify:
         extras.append(("verify", "verifying the fast path against the eager path (greedy)",

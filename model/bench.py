@@ -170,6 +170,11 @@ def stock_benchmark(bundle: ModelBundle, settings: Settings, user_s: float) -> d
     }
 
 
+def verify_settings(settings: Settings) -> Settings:
+    """The reply length `verify` and `verify_float32` compare over: 34 tokens, 40 frames."""
+    return settings.replace("qwen", max_reply_seconds=3.2, max_reply_tokens=34)
+
+
 def verify_float32(settings: Settings, layers: int = 4) -> dict:
     """The fast path (static cache, compiled steps, CUDA graphs) against the eager path in
     float32, on the full-size shapes with `layers` decoder layers: there the two must agree
