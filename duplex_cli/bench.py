@@ -114,6 +114,18 @@ def _met(name: str, value: float) -> bool:
     return value == value and value <= TARGETS[name]
 
 
+def _verdict(name: str, median: float) -> str:
+    """'met', or by how much the median misses its target."""
+    from duplex_chat.model.bench import TARGETS
+
+    if _met(name, median):
+        return "[green]met[/]"
+    if median != median:
+        return "[red]not measured[/]"
+    over = max(1, round(100 * (median / TARGETS[name] - 1)))  # at least 1 %, never "by 0 %"
+    return f"[red]missed by {over} %[/]"
+
+
 def render(console: Console, report: dict) -> None:
     from duplex_chat.model.bench import TARGETS
 
@@ -130,7 +142,7 @@ def render(console: Console, report: dict) -> None:
             _fmt(value["median"]), _fmt(value["p90"]),
             _fmt(base) if base is not None else "—",
             f"≤ {_fmt(TARGETS[name])}",
-            "[green]met[/]" if _met(name, value["median"]) else "[red]missed[/]",
+            _verdict(name, value["median"]),
         )
     console.print(table)
     if "peak_growth_gib" in report["engine"]:
