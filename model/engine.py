@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from duplex_chat.config import DuplexError, Settings
+from duplex_chat.config import DuplexError, QwenSettings, Settings
 
 from .events import (
     AudioPacket,
@@ -55,10 +55,10 @@ class _Turn:
     reply_ids: list[int] = field(default_factory=list)  # reply text ids, no end token
 
 
-def stage_samplers(q, talker_config, device: torch.device,
+def stage_samplers(q: QwenSettings, talker_config, device: torch.device,
                    generator: torch.Generator) -> tuple[Sampler, Sampler, Sampler]:
-    """The thinker's, the talker's (code 0) and the code predictor's samplers, set up as
-    generate() sets them up for the `q` (QwenSettings) given."""
+    """The thinker's, the talker's (code 0) and the code predictor's samplers, set up for the
+    settings `q` as generate() sets them up."""
     vocab = talker_config.text_config.vocab_size
     eos = talker_config.codec_eos_token_id
     # generate() suppresses the codec vocabulary's top 1024 ids (control codes) but the end code
