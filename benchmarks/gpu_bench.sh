@@ -5,12 +5,12 @@
 #   bash benchmarks/gpu_bench.sh [extra bench flags...]
 #   MICRO="base tuned" bash benchmarks/gpu_bench.sh ...   # step micro-benchmarks first
 #   TESTS=1 ...                                            # the GPU tests, in the background
-#   TALKER_MICRO="tuned pdl" ...                           # talker micro-benchmark (beside TESTS)
-#   VERIFY32=1 ...                                         # bench --verify's float32 check alone
+#   TALKER_MICRO="tuned product" ...                       # talker micro-benchmark (beside TESTS)
+#   VERIFY32=1 BENCH=0 ...                                 # bench --verify's float32 check alone
 #   PROFILE=1 ...                                          # benchmarks/profile_steps.py
 #   BENCH=0 ...                                            # skip the bench itself
 set -euo pipefail
-OUT=${OUT:-/tmp/bench-out}
+export OUT=${OUT:-/tmp/bench-out}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
@@ -23,17 +23,21 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 # after them), the float32 check and the bench's compilation (longer than the tests); the step
 # micro-benchmark and the profile wait for them. Their result is printed at the end.
 done_file=$(mktemp -u)
-wait_for_tests() { while [ ! -e "$done_file" ]; do sleep 1; done; }
-trap 'wait; [ -z "${TESTS:-}" ] || grep -v DEBUG "$OUT/tests.txt" | tail -25' EXIT
+wait_for_tests() {  # the tests' own timeout ends them; this only guards against a stuck job
+    local waited=0
+    while [ ! -e "$done_file" ] && [ $waited -lt 900 ]; do sleep 1; waited=$((waited + 1)); done
+}
+# keeps the script's exit status (the bench's 3 for a missed target, say) whatever grep finds
+trap 'rc=$?; wait; [ -z "${TESTS:-}" ] || grep -v DEBUG "$OUT/tests.txt" | tail -25 || true; exit $rc' EXIT
 if [ -n "${TESTS:-}" ]; then
-    (timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+    (timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
         > "$OUT/tests.txt" 2>&1 || echo "tests exit $?" >> "$OUT/tests.txt"; touch "$done_file") &
 else
     touch "$done_file"
 fi
 if [ -n "${TALKER_MICRO:-}" ]; then
     # shellcheck disable=SC2086
-    MICRO_WAIT_FOR=$done_file timeout "${MICRO_TIMEOUT:-540}" python3 benchmarks/talker_micro.py \
+    MICRO_WAIT_FOR=$done_file timeout "${TALKER_MICRO_TIMEOUT:-540}" python3 benchmarks/talker_micro.py \
         $TALKER_MICRO 2>&1 | tee "$OUT/talker-micro.txt" || echo "talker micro exit $?"
 fi
 if [ -n "${MICRO:-}" ]; then
@@ -47,7 +51,7 @@ import json
 from duplex_chat.config import load_settings
 from duplex_chat.model import bench
 print(json.dumps(bench.verify_float32(bench.verify_settings(load_settings()))))" \
-        > "$OUT/verify32.json" 2> "$OUT/verify32.err" || echo "verify32 exit $?"
+        > "$OUT/verify32.json" 2> "$OUT/verify32.err" || { echo "verify32 exit $?"; tail -20 "$OUT/verify32.err"; }
     cat "$OUT/verify32.json"
 fi
 if [ -n "${PROFILE:-}" ]; then wait_for_tests; python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi

@@ -8,10 +8,13 @@ Steps: `frame` (code 0 and the code predictor), `talker_step`, `step_frame` (the
 graph: what a reply runs per frame) with a 512-row talker window, `step_frame_2k` with a
 2048-row one (the benchmark's later turns). CUDA-event medians over 50 replays after warm-up.
 
-Variants: `tuned` (the product's settings); `pdl` (inductor's programmatic dependent launch: a
-kernel starts while its predecessor finishes); `combo` (inductor's combo kernels: independent
-small kernels merged); `talker_sdpa` (the talker's one-token attention through SDPA at every
-window); joined with `+` they combine, as in `pdl+talker_sdpa`.
+Variants, each from the same base: `tuned` (coordinate-descent tuning only: the options before
+2026-12-04's afternoon); `product` (`model/fast.py`'s COMPILE_OPTIONS, whatever they are now);
+added to `tuned`: `pdl` (inductor's programmatic dependent launch: a kernel starts while its
+predecessor finishes), `combo` (inductor's combo kernels: independent small kernels merged),
+`talker_sdpa` (the talker's one-token attention through SDPA at every window); joined with `+`
+they combine, as in `pdl+talker_sdpa`. Differences under ~0.1 ms are within run-to-run noise
+(variants that time the same kernels have differed by that much).
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from step_micro import _kernels, _time  # noqa: E402
 
+BASE = {"coordinate_descent_tuning": True}
 OPTIONS = {"pdl": {"triton.enable_pdl": True}, "combo": {"combo_kernels": True}}
+WAIT_LIMIT_S = 300  # for the other variants' compiles; they take 2-2.5 min on an H200 machine
 LONG_TALKER = 1800  # talker cache positions in the 2048-row window
 
 
@@ -46,11 +51,15 @@ def _build(variant: str):
     from duplex_chat.model.tiny import init_talker_moe
 
     parts = variant.split("+")
+    options = dict(BASE)
     for part in parts:
-        if part in OPTIONS:
-            fast.COMPILE_OPTIONS = {**fast.COMPILE_OPTIONS, **OPTIONS[part]}
+        if part == "product":
+            options.update(fast.COMPILE_OPTIONS)
+        elif part in OPTIONS:
+            options.update(OPTIONS[part])
         elif part not in ("tuned", "talker_sdpa"):
             raise SystemExit(f"unknown variant part {part!r}")
+    fast.COMPILE_OPTIONS = fast.inductor_options(options)
     device = torch.device("cuda:0")
     config = Qwen3OmniMoeTalkerConfig(**release_config_dict()["talker_config"])
     torch.manual_seed(0)
@@ -79,7 +88,7 @@ def run_variant(variant: str, ready_dir: str, count: int) -> dict:
         talker.step(state)  # the one-token graph, too
         length = talker.length
     setup_s = time.perf_counter() - began
-    _wait_for_others(ready_dir, variant, count)
+    alone = _wait_for_others(ready_dir, variant, count)
 
     def frame():
         talker.frame(logits, state, code0, rest)
@@ -96,7 +105,10 @@ def run_variant(variant: str, ready_dir: str, count: int) -> dict:
         talker.stack.length = LONG_TALKER  # rows past the prefill hold zeros: timing only
         talker.step_frame(state, code0, rest)
 
-    result = {"variant": variant, "setup_s": round(setup_s, 1)}
+    from duplex_chat.model import fast
+
+    result = {"variant": variant, "setup_s": round(setup_s, 1), "options": fast.COMPILE_OPTIONS,
+              "timed_alone": alone}
     steps = (frame, talker_step, step_frame, step_frame_2k)
     result["steps"] = [fn.__name__ for fn in steps]
     with open(os.path.join(ready_dir, "lock"), "w") as lock, torch.inference_mode():
@@ -109,16 +121,18 @@ def run_variant(variant: str, ready_dir: str, count: int) -> dict:
     return result
 
 
-def _wait_for_others(ready_dir: str, variant: str, count: int, limit_s: float = 420) -> None:
-    """Timing waits until no variant is still compiling (compiles tune kernels on the GPU)."""
+def _wait_for_others(ready_dir: str, variant: str, count: int) -> bool:
+    """Timing waits until no variant is still compiling (compiles tune kernels on the GPU).
+    Returns False if it gave up waiting: then the timings may be disturbed."""
     open(os.path.join(ready_dir, variant + ".ready"), "w").close()
     other = os.environ.get("MICRO_WAIT_FOR")
-    deadline = time.monotonic() + limit_s
+    deadline = time.monotonic() + WAIT_LIMIT_S
     while time.monotonic() < deadline:
         ready = [f for f in os.listdir(ready_dir) if f.endswith(".ready")]
         if len(ready) >= count and (not other or os.path.exists(other)):
-            return
+            return True
         time.sleep(1)
+    return False
 
 
 def main() -> None:
@@ -132,22 +146,27 @@ def main() -> None:
             raise
         print("RESULT " + json.dumps(result), flush=True)
         return
-    variants = sys.argv[1:] or ["tuned"]
+    variants = sys.argv[1:] or ["tuned", "product"]
     ready_dir = tempfile.mkdtemp(prefix="talker-micro-")
-    began = time.perf_counter()
-    procs = {v: subprocess.Popen([sys.executable, __file__, "--one", v, ready_dir,
-                                  str(len(variants))], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True) for v in variants}
-    results = []
-    for variant, proc in procs.items():
-        stdout, stderr = proc.communicate()
-        lines = [line for line in stdout.splitlines() if line.startswith("RESULT ")]
+    procs = {}
+    for v in variants:  # output to files: a pipe nobody reads yet could fill and block a child
+        log = open(os.path.join(ready_dir, v + ".log"), "w+")
+        procs[v] = (subprocess.Popen([sys.executable, __file__, "--one", v, ready_dir,
+                                      str(len(variants))], stdout=log, stderr=subprocess.STDOUT,
+                                     text=True), log)
+    results, failed = [], 0
+    for variant, (proc, log) in procs.items():
+        proc.wait()
+        log.seek(0)
+        output = log.read()
+        lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
         if not lines:
-            print(f"== {variant}: failed\n{stderr[-3000:]}")
+            failed += 1
+            print(f"== {variant}: failed\n{output[-3000:]}")
             continue
         result = json.loads(lines[0][7:])
-        print(f"== {variant} (setup {result['setup_s']} s, done at "
-              f"{time.perf_counter() - began:.0f} s)")
+        note = "" if result["timed_alone"] else ", TIMED WHILE OTHERS STILL COMPILED"
+        print(f"== {variant} (setup {result['setup_s']} s{note}; options {result['options']})")
         for step in result["steps"]:
             print(f"  {step}: {result[step + '_ms']} ms, {result[step + '_kernels']} kernels")
             for name, n, us in result[step + "_top"][:6]:
@@ -157,6 +176,8 @@ def main() -> None:
     if out:  # every kernel, for reading at leisure
         with open(os.path.join(out, "talker-micro.json"), "w") as f:
             json.dump(results, f, indent=1)
+    if failed:
+        sys.exit(f"{failed} of {len(variants)} variants failed")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def test_report_without_optional_sections_renders():
               "engine": {name: dict(metric) for name in (
                   "first_packet_ms", "thinker_ms_per_token", "talker_ms_per_frame",
                   "vocoder_ms_per_frame", "rtf", "listen_ms_per_s", "peak_gib")}}
-    report["engine"]["talker_ms_per_frame"] = {"median": 5.3, "p90": 5.4}
+    report["engine"]["talker_ms_per_frame"] = {"median": 5.4, "p90": 5.5}
     report["engine"]["rtf"] = {"median": 0.1001, "p90": 0.11}  # just over: rounds to 1 %
     report["engine"]["peak_gib"] = {"median": float("nan"), "p90": float("nan")}
     console = Console(width=140, record=True, file=open(os.devnull, "w"))
@@ -44,7 +44,7 @@ def test_report_without_optional_sections_renders():
     rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[2:-1]]
             for line in console.export_text().splitlines() if line.startswith("│")}
     assert rows["talker step + 15 code-predictor steps (ms/frame)"] == [
-        "5.3", "5.4", "—", "≤ 4", "missed by 32 %"]
+        "5.4", "5.5", "—", "≤ 4", "missed by 35 %"]
     assert rows["real-time factor over the reply"][-1] == "missed by 1 %"
     assert rows["peak GPU memory over the conversation (GiB)"][1:] == [
         "n/a", "—", "≤ 72", "not measured"]

@@ -207,7 +207,10 @@ def test_a_near_tie_is_judged_by_generates_logits_without_sampler_notes():
     logits = [[torch.zeros(10), torch.zeros(10)] for _ in range(2)]
     logits[1][1][9], logits[1][1][4] = 1.0, 1.0 - NEAR_TIE / 2  # generate()'s top two
     assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
-    logits[1][1][4] = 1.0 - 2 * NEAR_TIE
+    logits[1][1][4] = 1.0 - 2 * NEAR_TIE  # not near
+    with pytest.raises(AssertionError):
+        assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
+    logits[1][1][4], logits[1][1][3] = 1.0 - NEAR_TIE / 2, 1.0 - NEAR_TIE / 4  # 4 only third
     with pytest.raises(AssertionError):
         assert_codes_equal_up_to_a_near_tie(codes, ref, [], logits)
     ref[0, 1] = 7  # code 0 differs first: its logits are processed, so no judging by them
@@ -275,6 +278,6 @@ def assert_codes_equal_up_to_a_near_tie(codes, ref_codes, choices, ref_logits) -
         f"frame {frame} codebook {book} differs; no sampler notes")
     top = ref_logits[book - 1][frame].topk(2)
     margin = float(top.values[0] - top.values[1])
-    assert int(top.indices[0]) == int(ref_codes[book, frame])  # the notes are this frame's
+    assert int(top.indices[0]) == int(ref_codes[book, frame])  # these logits are this code's
     assert int(codes[book, frame]) == int(top.indices[1]) and margin < NEAR_TIE, (frame, book,
                                                                                   margin)

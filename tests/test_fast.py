@@ -50,6 +50,6 @@ def test_compile_options_unknown_to_this_torch_are_left_out():
               "no_such_option": 1, "triton.no_such_option": 2, "no_such_group.option": 3}
     assert inductor_options(wanted) == {"coordinate_descent_tuning": True,
                                         "triton.cudagraphs": False}
-    with pytest.raises(RuntimeError):  # what happened to every compile before the filter
+    with pytest.raises(RuntimeError):  # what a torch without an option we ask for would do
         torch.compile(lambda x: x + 1, options=wanted)
     torch.compile(lambda x: x + 1, options=inductor_options(wanted))  # options checked here
