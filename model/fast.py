@@ -47,6 +47,12 @@ def inductor_options(wanted: dict) -> dict:
 
 
 COMPILE_OPTIONS = inductor_options(WANTED_OPTIONS)
+
+
+def compile_step(fn):
+    """`fn` compiled for fixed-shape decode work with COMPILE_OPTIONS (read at call time, so a
+    benchmark can set them first)."""
+    return torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
 # Attention of a step this short, over a window this long, is written out (`attend_few`); longer
 # ones use SDPA. Written out won at the code predictor's 16 rows and a 512-row thinker window
 # (4.43 -> 4.24 ms/token, H200); longer windows keep SDPA's flash kernel, not yet timed against it.
@@ -253,7 +259,7 @@ class FastStack:
 
             # one compiled graph per (layer shapes, bucket): thinker, talker, predictor x buckets
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
-            self._decode_layer = torch.compile(run_layer, dynamic=False, options=COMPILE_OPTIONS)
+            self._decode_layer = compile_step(run_layer)
 
     def reset(self) -> None:
         self.length = 0

@@ -230,11 +230,11 @@ class TalkerStream(_StackUser):
         if self._frame_fn is None:
             pick0, pick = talker_sample.graph_safe(), predictor_sample.graph_safe()
             if self.predictor_stack.device.type == "cuda":
-                from .fast import COMPILE_OPTIONS
+                from .fast import compile_step
 
                 # Eager, code 0's ranked top-k/top-p over 3072 ids is (V, V) tensors in memory
                 # (~0.1 ms per frame); compiled, two fused reductions.
-                pick0 = torch.compile(pick0, dynamic=False, options=COMPILE_OPTIONS)
+                pick0 = compile_step(pick0)
 
             def frame(logits, state):
                 code0 = pick0(logits, seen=self._seen)
@@ -295,10 +295,9 @@ class TalkerStream(_StackUser):
         step = self._predictor_step
         if stack.device.type == "cuda":
             if self._compiled_predictor_step is None:
-                from .fast import COMPILE_OPTIONS
+                from .fast import compile_step
 
-                self._compiled_predictor_step = torch.compile(
-                    self._predictor_step, dynamic=False, options=COMPILE_OPTIONS)
+                self._compiled_predictor_step = compile_step(self._predictor_step)
             step = self._compiled_predictor_step
         heads = self.predictor.lm_head
         tables = self.predictor.model.get_input_embeddings()
