@@ -20,8 +20,8 @@ export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 # The GPU tests run in the background: beside the talker micro-benchmark's compilation (it times
-# after them), the float32 check and the bench's compilation (longer than the tests); the step
-# micro-benchmark and the profile wait for them. Their result is printed at the end.
+# after them), the profile's and the bench's compilation (longer than the tests), the float32
+# check; the step micro-benchmark waits for them. Their result is printed at the end.
 done_file=$(mktemp -u)
 wait_for_tests() {  # the tests' own timeout ends them; this only guards against a stuck job
     local waited=0
@@ -54,7 +54,11 @@ print(json.dumps(bench.verify_float32(bench.verify_settings(load_settings()))))"
         > "$OUT/verify32.json" 2> "$OUT/verify32.err" || { echo "verify32 exit $?"; tail -20 "$OUT/verify32.err"; }
     cat "$OUT/verify32.json"
 fi
-if [ -n "${PROFILE:-}" ]; then wait_for_tests; python3 benchmarks/profile_steps.py > "$OUT/profile.txt" 2>&1 || tail -20 "$OUT/profile.txt"; fi
+if [ -n "${PROFILE:-}" ]; then  # compiles beside the tests, times after them
+    MICRO_WAIT_FOR=$done_file timeout "${PROFILE_TIMEOUT:-540}" python3 benchmarks/profile_steps.py \
+        > "$OUT/profile.txt" 2>&1 || { echo "profile exit $?"; tail -20 "$OUT/profile.txt"; }
+    grep -E "^(GPU over|host CUDA|a reply unprofiled|engine's talker|talker alone)" "$OUT/profile.txt" || true
+fi
 [ "${BENCH:-1}" = 1 ] || exit 0
 status=0
 timeout "${BENCH_TIMEOUT:-540}" python3 -m duplex_chat.cli.app bench --random-weights --json "$@" \

@@ -247,49 +247,75 @@ class StreamingConversation:
         return logits
 
     def _speak(self, turn: int, logits: torch.Tensor, clock: "_Clock") -> Iterator[Event]:
+        """The reply's frames, text and audio packets.
+
+        Each frame is launched before the host waits for the previous one: while the host reads
+        a frame's code 0, voices packets and decodes text, the GPU already runs the next thinker
+        token and frame. Their inputs never need the host (codes, sums and tokens stay on the
+        GPU; what the host needs is copied back without waiting). Only a frame whose packet is
+        due waits for its check first, so its audio does not queue behind the next frame. The
+        frame launched after the last one and its token are dropped: the talker forgets the
+        reply anyway, and the token never entered the thinker's cache (a step writes the token
+        before the one it samples)."""
         reply = _ReplyState(self.tokens.im_end, self.q.max_reply_tokens, self.tokenizer)
         token = self.thinker_sampler(logits)
-        yield self._take_token(turn, reply, token)
-        clock.mark("first_token")
+        yield self._take_token(turn, reply, token, int(token))
+        clock.mark("first_token", wait=False)
         talker_logits, state = self.talker.start_reply(self._talker_user_tail,
                                                        self._assistant_part(reply.ids[0]))
         self.vocoder.reset()
         audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
-        talker_input = None  # the previous frame's summed codec embeddings + text (d,)
+        with clock.timed("talker"):
+            frame = _Launched(*self.talker.frame(talker_logits, state, self.talker_sampler,
+                                                 self.predictor_sampler))
         while not self._cancel.is_set():
-            if audio.frames >= self.max_frames:
+            due = audio.due_with_one_more()
+            ahead = None if due else self._launch_frame(reply, frame, audio.frames + 1, clock)
+            if frame.code0.item() == self.codec_eos:  # the one wait per frame
                 break
-            with clock.timed("talker"):
-                if talker_input is None:  # the first frame: logits from start_reply's prefill
-                    codes, codec_sum = self.talker.frame(talker_logits, state, self.talker_sampler,
-                                                         self.predictor_sampler)
-                else:
-                    codes, codec_sum = self.talker.step_frame(talker_input, self.talker_sampler,
-                                                              self.predictor_sampler)
-                if int(codes[0]) == self.codec_eos:  # the one host sync per frame
-                    break
-            audio.add(codes)
-            clock.mark("first_frame")
-            if audio.packet_due():
+            audio.add(frame.codes)
+            clock.mark("first_frame", wait=False)
+            if due:
                 with clock.timed("vocoder"):
-                    packet = audio.packet(self.vocoder.push)
-                clock.mark("first_packet")
-                yield packet
-            # Talker step j adds reply token j+1: make sure the thinker has written it.
-            while not reply.done and len(reply.ids) <= audio.frames and not self._cancel.is_set():
-                with clock.timed("thinker"):
-                    token = self.thinker_sampler(self.thinker.step(token))
-                yield self._take_token(turn, reply, token)
-            with clock.timed("talker"):
-                talker_input = codec_sum + self._trailing_text(reply, audio.frames - 1)
+                    voiced = audio.voice(self.vocoder.push)
+                ahead = self._launch_frame(reply, frame, audio.frames, clock)
+                yield audio.emit(voiced)
+                clock.mark("first_packet", wait=False)
+            if ahead is None:  # the reply is as long as a reply may be
+                break
+            if ahead.token is not None:
+                yield self._take_token(turn, reply, ahead.token, ahead.token_id.item())
+            frame = ahead
         if self._cancel.is_set():
             yield from self._interrupt(turn, reply)
             return
         with clock.timed("vocoder"):
-            tail = audio.packet(self.vocoder.push) if audio.pending else None
-            last = audio.tail(self.vocoder.flush())
-        yield from (p for p in (tail, last) if p is not None)
+            tail = audio.voice(self.vocoder.push) if audio.pending else None
+            last = self.vocoder.flush()
+        if tail is not None:
+            yield audio.emit(tail)
+        if (packet := audio.tail(last)) is not None:
+            yield packet
         yield from self._finish(turn, reply, clock, audio)
+
+    def _launch_frame(self, reply: "_ReplyState", previous: "_Launched", index: int,
+                      clock: "_Clock") -> "_Launched | None":
+        """Queue frame `index` (from `previous`) and, if the text has not ended, the thinker
+        token it adds; None past the longest reply."""
+        if index >= self.max_frames:
+            return None
+        token = token_id = None
+        if not reply.done and index >= len(reply.ids):
+            with clock.timed("thinker"):
+                token = self.thinker_sampler(self.thinker.step(reply.tokens[-1]))
+            token_id = _OnHost(token)
+        with clock.timed("talker"):
+            text = self._text_at(reply, index) if token is None else self._project_token(token)
+            launched = _Launched(*self.talker.step_frame(previous.codec_sum + text,
+                                                         self.talker_sampler,
+                                                         self.predictor_sampler))
+        launched.token, launched.token_id = token, token_id
+        return launched
 
     def _finish(self, turn, reply, clock, audio: "_AudioOut") -> Iterator[Event]:
         kept = reply.text_ids()
@@ -318,9 +344,10 @@ class StreamingConversation:
         self._prefill_text(kept[cached:] + self.tokens.assistant_tail(), user=False)
         self.turns[-1].reply_ids = list(kept)
 
-    def _take_token(self, turn: int, reply: "_ReplyState", token: torch.Tensor) -> TextDelta:
-        token_id = int(token)  # the one host sync per token; the view needs the text anyway
-        return TextDelta(turn, reply.add(token_id), (token_id,))
+    def _take_token(self, turn: int, reply: "_ReplyState", token: torch.Tensor,
+                    token_id: int) -> TextDelta:
+        """Add a token (its tensor and its id, read on the host: the view needs the text)."""
+        return TextDelta(turn, reply.add(token_id, token), (token_id,))
 
     # ----- talker inputs (as generate() builds them) -----------------------------------------
 
@@ -337,12 +364,16 @@ class StreamingConversation:
         codec = torch.cat([codec.new_zeros(3, codec.shape[1]), codec])
         return text + codec
 
-    def _trailing_text(self, reply: "_ReplyState", step: int) -> torch.Tensor:
-        """Text added at talker step `step`: reply token step+1, then tts_eos, then tts_pad."""
-        index = step + 1
+    def _text_at(self, reply: "_ReplyState", index: int) -> torch.Tensor:
+        """Text added to the talker's input for frame `index`: reply token `index`, then
+        tts_eos, then tts_pad. (d,)"""
         if index < len(reply.ids):
-            return self.talker.project_text(self.thinker.embed([reply.ids[index]]))[0]
+            return self._project_token(reply.tokens[index])
         return self.tts_eos[0] if index == len(reply.ids) else self.tts_pad[0]
+
+    def _project_token(self, token: torch.Tensor) -> torch.Tensor:
+        """0-d token id on the device -> its talker text embedding (d,); no host copy."""
+        return self.talker.project_text(self.thinker.embed(token.view(1)))[0]
 
     def _tts_embeds(self) -> None:
         c = self.config
@@ -403,12 +434,15 @@ class _ReplyState:
     def __init__(self, eos: int, limit: int, tokenizer):
         self.eos, self.limit, self.tokenizer = eos, limit, tokenizer
         self.ids: list[int] = []
+        self.tokens: list[torch.Tensor] = []  # the same ids as the sampler's 0-d device tensors
         self.done = self.ended_by_eos = False
         self._shown = ""
 
-    def add(self, token_id: int) -> str:
-        """Record a token; returns the new text it completes ("" while a character is partial)."""
+    def add(self, token_id: int, token: torch.Tensor) -> str:
+        """Record a token (its id and its tensor); returns the new text it completes ("" while a
+        character is partial)."""
         self.ids.append(token_id)
+        self.tokens.append(token)
         if token_id == self.eos:
             self.done = self.ended_by_eos = True
         elif len(self.ids) >= self.limit:
@@ -440,51 +474,117 @@ class _AudioOut:
         self.all_codes.append(codes)
         self.frames += 1
 
-    def packet_due(self) -> bool:
-        return len(self.pending) >= (self.first if self.packets == 0 else self.every)
+    def due_with_one_more(self) -> bool:
+        """Whether a packet is due once one more frame is added."""
+        return len(self.pending) + 1 >= (self.first if self.packets == 0 else self.every)
 
-    def packet(self, push) -> AudioPacket:
+    def voice(self, push) -> tuple["_OnHost", int]:
+        """Queue the pending frames through `push` (the vocoder); (samples on their way to the
+        host, frames) for `emit`."""
         codes = torch.stack(self.pending, dim=1)  # (16, n)
         frames, self.pending = len(self.pending), []
-        return self._emit(push(codes), frames)
+        return _OnHost(push(codes).float()), frames
+
+    def emit(self, voiced: tuple["_OnHost", int]) -> AudioPacket:
+        samples, frames = voiced
+        return self._emit(samples.tensor(), frames)
 
     def tail(self, samples: torch.Tensor) -> AudioPacket | None:
-        return self._emit(samples, 0) if samples.numel() else None
+        return self._emit(samples.float().cpu(), 0) if samples.numel() else None
 
     def _emit(self, samples: torch.Tensor, frames: int) -> AudioPacket:
-        out = samples.float().cpu().numpy()
+        out = samples.numpy()
         packet = AudioPacket(self.turn, out, self.samples, frames)
         self.samples += out.shape[0]
         self.packets += 1
         return packet
 
 
+class _OnHost:
+    """A device tensor on its way to the host: the copy is queued now and waited for (alone) on
+    first use, so GPU work queued after it keeps running meanwhile."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self._ready = None
+        if tensor.is_cuda:
+            self._tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._tensor = tensor
+
+    def tensor(self) -> torch.Tensor:
+        if self._ready is not None:
+            self._ready.synchronize()
+            self._ready = None
+        return self._tensor
+
+    def item(self) -> int:
+        return int(self.tensor())
+
+
+class _Launched:
+    """A frame queued on the device: codes (16,) long, summed codec embeddings (d,), code 0 on
+    its way to the host; and the thinker token queued with it (0-d long), if any."""
+
+    def __init__(self, codes: torch.Tensor, codec_sum: torch.Tensor):
+        self.codes, self.codec_sum = codes, codec_sum
+        self.code0 = _OnHost(codes[0])
+        self.token: torch.Tensor | None = None
+        self.token_id: _OnHost | None = None
+
+
 class _Clock:
-    """Stage marks in ms since the end of the user's turn, and time spent per stage (synced)."""
+    """Stage marks in ms since the end of the user's turn, and time spent per stage.
+
+    On the GPU a stage's time is measured between CUDA events recorded around its work, read
+    once when the reply ends: timing adds no host sync, so the GPU can run ahead of the Python
+    loop as it does without a clock. Marks (first token, first packet) sync, once per reply."""
+
+    STAGES = ("thinker", "talker", "vocoder")
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.cuda = device.type == "cuda"
         self.start = time.perf_counter()
         self.stages: dict[str, float] = {}
-        self.spent: dict[str, float] = {"thinker": 0.0, "talker": 0.0, "vocoder": 0.0}
+        self.spent: dict[str, float] = dict.fromkeys(self.STAGES, 0.0)  # seconds
+        self._events: dict[str, list] = {stage: [] for stage in self.STAGES}
 
-    def mark(self, name: str) -> None:
+    def mark(self, name: str, wait: bool = True) -> None:
+        """Note when `name` first happened; `wait`: for the GPU's queued work first (not when
+        the host has just read the result that marks it, with later work queued behind)."""
         if name not in self.stages:
-            sync(self.device)
+            if wait:
+                sync(self.device)
             self.stages[name] = 1000 * (time.perf_counter() - self.start)
 
     @contextlib.contextmanager
     def timed(self, stage: str):
-        sync(self.device)
+        """Time the work queued in the block (on the CPU, where work is synchronous: the block)."""
+        if self.cuda:
+            began = torch.cuda.Event(enable_timing=True)
+            began.record()
+            yield
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self._events[stage].append((began, ended))
+            return
         began = time.perf_counter()
         try:
             yield
         finally:
-            sync(self.device)
             self.spent[stage] += time.perf_counter() - began
+
+    def _read_events(self) -> None:
+        sync(self.device)
+        for stage, pairs in self._events.items():
+            self.spent[stage] += sum(a.elapsed_time(b) for a, b in pairs) / 1000
+            pairs.clear()
 
     def summary(self, tokens: int, frames: int, listen_seconds: float) -> None:
         self.mark("total")
+        self._read_events()
         self.stages["thinker_ms_per_token"] = 1000 * self.spent["thinker"] / max(1, tokens - 1)
         self.stages["talker_ms_per_frame"] = 1000 * self.spent["talker"] / max(1, frames)
         self.stages["vocoder_ms_per_frame"] = 1000 * self.spent["vocoder"] / max(1, frames)

@@ -44,11 +44,13 @@ class AudioPacket:
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Per-stage timings of one reply, in milliseconds (wall clock, after device sync).
+    """Per-stage timings of one reply, in milliseconds.
 
     Keys used by the engine: `encode_tail`, `prefill`, `first_token`, `first_frame`,
-    `first_packet` (end of turn -> first packet ready), `thinker_ms_per_token`,
-    `talker_ms_per_frame`, `vocoder_ms_per_frame`, `listen_ms` (GPU time spent while listening).
+    `first_packet` (end of turn -> first packet ready; wall clock after a device sync),
+    `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's time
+    between CUDA events around its work on the GPU, wall clock on the CPU), `listen_ms` (time
+    spent prefilling while listening, wall clock after a device sync).
     """
 
     turn: int

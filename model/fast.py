@@ -297,8 +297,7 @@ class FastStack:
         n = x.shape[0]
         tokens = next(b for b in TOKEN_BUCKETS if b >= n)
         padded = x if tokens == n else torch.cat([x, x.new_zeros(tokens - n, x.shape[1])])
-        start = torch.tensor(self.length, device=self.device)
-        out, kept = self._graph(tokens, self.length + tokens)(padded, start)
+        out, kept = self._graph(tokens, self.length + tokens)(padded, self.length)
         self.length += n
         return out[:n].clone(), kept[:n].clone()
 
@@ -328,12 +327,11 @@ class FastStack:
         such as a mask of codes seen) that the capture's warm-up runs must leave as they were."""
         if self.length + 1 > self.max_len:
             raise RuntimeError(f"KV cache full ({self.max_len} positions)")
-        start = torch.tensor(self.length, device=self.device)
         if self.device.type == "cuda":
             graph = self._step_graph(name, self._bucket(self.length + 1), fn, inputs, preserve)
-            out = graph(start, *inputs)
+            out = graph(self.length, *inputs)
         else:
-            attend = self.length + 1
+            start, attend = torch.tensor(self.length, device=self.device), self.length + 1
             out = fn(lambda x: self.step(x, start, attend)[0], *inputs)
         self.length += 1
         return out
@@ -394,8 +392,9 @@ class FastStack:
 class CapturedCall:
     """`fn(*inputs)` captured once as a CUDA graph and replayed with new input values.
 
-    Inputs are copied into static buffers; the outputs are static tensors overwritten by the next
-    replay (copy what must outlive it). Warm-up runs (compilation, allocator) happen on a side
+    Inputs are copied into static buffers (a Python number is written into its buffer by a
+    kernel: no host-to-device copy, which would wait for the GPU); the outputs are static tensors
+    overwritten by the next replay (copy what must outlive it). Warm-up runs (compilation, allocator) happen on a side
     stream first, as capture requires; the tensors in `preserve`, which fn updates in place,
     get their values back after them.
     """
@@ -418,7 +417,10 @@ class CapturedCall:
 
     def __call__(self, *args: torch.Tensor):
         for static, value in zip(self.inputs, args):
-            static.copy_(value)
+            if isinstance(value, torch.Tensor):
+                static.copy_(value)
+            else:
+                static.fill_(value)
         self.graph.replay()
         return self.outputs
 

@@ -24,6 +24,7 @@ from duplex_chat.model.events import (
     AudioPacket,
     HistoryTrimmed,
     Interrupted,
+    StageTimings,
     TextDelta,
     TurnFinished,
 )
@@ -106,7 +107,23 @@ def test_single_turn_equals_generate(tiny_bundle, tiny_checkpoint, window_s, dec
     audio = user_audio(3.3, seed=1)
     ids, wave, events = run_turn(conv, audio, chunk=5120)
     assert isinstance(events[-1], TurnFinished)
+    assert_stage_timings_sane(events)
     assert_matches_reference(tiny_bundle, settings, conv, ids, wave, [mel_of(audio)], [])
+
+
+def assert_stage_timings_sane(events) -> None:
+    """A reply's StageTimings: its marks in order, every stage's cost positive, and all the
+    stages' time together within the reply's."""
+    stages = next(e.stages for e in events if isinstance(e, StageTimings))
+    marks = [stages[k] for k in ("encode_tail", "prefill", "first_token", "first_frame",
+                                 "first_packet", "total")]
+    assert 0 <= marks[0] and marks == sorted(marks)
+    costs = ("thinker_ms_per_token", "talker_ms_per_frame", "vocoder_ms_per_frame")
+    assert all(stages[k] > 0 for k in costs)
+    spent = (stages["thinker_ms_per_token"] * (stages["reply_tokens"] - 1)
+             + (stages["talker_ms_per_frame"] + stages["vocoder_ms_per_frame"])
+             * stages["reply_frames"])
+    assert spent < stages["total"] - stages["first_token"]
 
 
 @pytest.mark.parametrize("window_s,decoder", [(1.0, "eager"), (2.0, "eager"), (2.0, "fast")])
@@ -152,6 +169,45 @@ def test_cancel_then_continue_equals_generate_on_truncated_history(tiny_bundle, 
     ids, wave, _ = run_turn(conv, second, chunk=3000)
     assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
                              [mel_of(first), mel_of(second)], [kept])
+
+
+@pytest.mark.parametrize("decoder", ["eager", "fast"])
+def test_speech_ending_before_the_text_drops_the_frame_launched_ahead(tiny_bundle, tiny_checkpoint,
+                                                                      decoder):
+    """The talker ends the reply (codec end at frame 5) while the thinker still has text: the
+    frame and the token launched before that frame was checked are dropped, the reply is the
+    unended one's first 5 frames and 6 tokens, and the next turn is generate()'s on it."""
+    first, second = user_audio(2.4, seed=2), user_audio(1.7, seed=3)
+    unended, _ = make_conversation(tiny_bundle, tiny_checkpoint, 1.0, decoder=decoder)
+    full_ids, _, _ = run_turn(unended, first, chunk=4000)
+    full_codes = unended.last_codes
+    assert len(full_ids) == MAX_TOKENS and full_codes.shape[1] == MAX_FRAMES
+
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, 1.0, decoder=decoder)
+    step_frame, calls = conv.talker.step_frame, []
+
+    def ending_at_frame_5(*args):  # frame 0 comes from `frame`, frames 1.. from here
+        codes, codec_sum = step_frame(*args)
+        calls.append(1)
+        if len(calls) == 5:
+            codes = codes.clone()
+            codes[0] = conv.codec_eos
+        return codes, codec_sum
+
+    conv.talker.step_frame = ending_at_frame_5
+    ids, wave, events = run_turn(conv, first, chunk=4000)
+    del conv.talker.step_frame
+    assert len(calls) == 6  # frame 6 was launched ahead of frame 5's check
+    assert isinstance(events[-1], TurnFinished)
+    assert ids == full_ids[:6] and list(events[-1].token_ids) == ids
+    assert torch.equal(conv.last_codes, full_codes[:, :5])
+    expected = one_piece(tiny_bundle, conv.last_codes)  # no sound of the dropped frame
+    assert wave.shape == expected.shape and np.abs(wave - expected).max() < 1e-4
+
+    choices = _record_choices(conv)
+    ids, wave, _ = run_turn(conv, second, chunk=4000)
+    assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
+                             [mel_of(first), mel_of(second)], [full_ids[:6]], choices)
 
 
 def test_chunk_sizes_do_not_change_the_reply(tiny_bundle, tiny_checkpoint):

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from .conftest import tiny_settings
-from .test_engine_fidelity import assert_two_turns_match_reference, make_conversation
+from .test_engine_fidelity import (
+    assert_stage_timings_sane,
+    assert_two_turns_match_reference,
+    make_conversation,
+    run_turn,
+    user_audio,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -27,6 +33,8 @@ def test_fast_decoder_on_gpu_equals_generate(cuda_bundle, tiny_checkpoint):
                                        device_map="cuda")
     assert conv.talker._graphed  # the graph paths, not the CPU fallbacks
     assert_two_turns_match_reference(cuda_bundle, settings, conv)
+    _, _, events = run_turn(conv, user_audio(1.5, seed=4), chunk=4000)  # timed by CUDA events
+    assert_stage_timings_sane(events)
 
 
 def test_decode_with_equals_forward(cuda_bundle):
