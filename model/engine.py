@@ -113,9 +113,18 @@ class StreamingConversation:
         self._cancel = threading.Event()
         self._heard_samples = 0
         self.max_context = self.q.max_context_tokens
-        with torch.inference_mode():
+        with self._working():
             self._tts_embeds()
             self.reset()
+
+    @contextlib.contextmanager
+    def _working(self):
+        """Inference mode, with the model's GPU as the current CUDA device: graphs, side streams
+        and events are made on the current device, which is GPU 0 unless told (cuda:N)."""
+        cuda = self.device.type == "cuda"
+        with torch.inference_mode(), (torch.cuda.device(self.device) if cuda
+                                      else contextlib.nullcontext()):
+            yield
 
     # ----- lifecycle -------------------------------------------------------------------------
 
@@ -129,13 +138,13 @@ class StreamingConversation:
         self._open_audio: list[torch.Tensor] = []
         self._turn_open = False
         self._cancel.clear()
-        with torch.inference_mode():
+        with self._working():
             self._prefill_text(self.tokens.system_ids(self.tokenizer, self.q.system_prompt), user=False)
 
     def feed(self, samples: np.ndarray) -> None:
         """Hear more of the user's turn: (n,) float32 at 16 kHz, any n."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
-        with torch.inference_mode():
+        with self._working():
             if not self._turn_open:
                 self._open_turn()
             audio = self.listener.feed(samples)
@@ -159,12 +168,12 @@ class StreamingConversation:
 
     def end_turn(self) -> Iterator[Event]:
         """The user stopped talking: stream the reply as events."""
-        with torch.inference_mode():
+        with self._working():
             yield from self._reply()
 
     def _capture_graphs(self) -> None:
         """Compile and capture the decode steps now, not in the middle of the first reply."""
-        with torch.inference_mode():
+        with self._working():
             self.thinker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
             self.talker.stack.warm_up(GRAPH_WARM_UP_POSITIONS)
             self.talker.warm_up_frames(GRAPH_WARM_UP_POSITIONS, self.talker_sampler,
@@ -256,11 +265,14 @@ class StreamingConversation:
         due waits for its check first, so its audio does not queue behind the next frame. The
         frame launched after the last one and its token are dropped: the talker forgets the
         reply anyway, and the token never entered the thinker's cache (a step writes the token
-        before the one it samples)."""
+        before the one it samples). The text kept is the text the talker was given: one token
+        per frame, so a reply cut at the frame cap keeps no token past its last frame, and
+        nothing more is emitted once `cancel` is seen."""
         reply = _ReplyState(self.tokens.im_end, self.q.max_reply_tokens, self.tokenizer)
         token = self.thinker_sampler(logits)
-        yield self._take_token(turn, reply, token, int(token))
-        clock.mark("first_token", wait=False)
+        first = self._take_token(turn, reply, token, int(token))
+        clock.mark("first_token", wait=False)  # before the view gets it: its time is not ours
+        yield first
         talker_logits, state = self.talker.start_reply(self._talker_user_tail,
                                                        self._assistant_part(reply.ids[0]))
         self.vocoder.reset()
@@ -279,9 +291,10 @@ class StreamingConversation:
                 with clock.timed("vocoder"):
                     voiced = audio.voice(self.vocoder.push)
                 ahead = self._launch_frame(reply, frame, audio.frames, clock)
-                yield audio.emit(voiced)
+                packet = audio.emit(voiced)
                 clock.mark("first_packet", wait=False)
-            if ahead is None:  # the reply is as long as a reply may be
+                yield packet
+            if ahead is None or self._cancel.is_set():  # as long as a reply may be, or cut off
                 break
             if ahead.token is not None:
                 yield self._take_token(turn, reply, ahead.token, ahead.token_id.item())
@@ -311,11 +324,9 @@ class StreamingConversation:
             token_id = _OnHost(token)
         with clock.timed("talker"):
             text = self._text_at(reply, index) if token is None else self._project_token(token)
-            launched = _Launched(*self.talker.step_frame(previous.codec_sum + text,
-                                                         self.talker_sampler,
-                                                         self.predictor_sampler))
-        launched.token, launched.token_id = token, token_id
-        return launched
+            codes, codec_sum = self.talker.step_frame(previous.codec_sum + text,
+                                                      self.talker_sampler, self.predictor_sampler)
+            return _Launched(codes, codec_sum, token, token_id)
 
     def _finish(self, turn, reply, clock, audio: "_AudioOut") -> Iterator[Event]:
         kept = reply.text_ids()
@@ -509,7 +520,7 @@ class _OnHost:
         if tensor.is_cuda:
             self._tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(tensor.device))  # where the copy runs
         else:
             self._tensor = tensor
 
@@ -527,19 +538,22 @@ class _Launched:
     """A frame queued on the device: codes (16,) long, summed codec embeddings (d,), code 0 on
     its way to the host; and the thinker token queued with it (0-d long), if any."""
 
-    def __init__(self, codes: torch.Tensor, codec_sum: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, codec_sum: torch.Tensor,
+                 token: torch.Tensor | None = None, token_id: "_OnHost | None" = None):
         self.codes, self.codec_sum = codes, codec_sum
         self.code0 = _OnHost(codes[0])
-        self.token: torch.Tensor | None = None
-        self.token_id: _OnHost | None = None
+        self.token, self.token_id = token, token_id
 
 
 class _Clock:
     """Stage marks in ms since the end of the user's turn, and time spent per stage.
 
-    On the GPU a stage's time is measured between CUDA events recorded around its work, read
-    once when the reply ends: timing adds no host sync, so the GPU can run ahead of the Python
-    loop as it does without a clock. Marks (first token, first packet) sync, once per reply."""
+    On the GPU a stage's time is measured between CUDA events recorded around its work on the
+    stream, read once when the reply ends: timing adds no host sync, so the GPU can run ahead of
+    the Python loop as it does without a clock. The span includes any wait of the GPU for the
+    host's launches inside the stage (none when the stage was queued behind earlier work), and
+    the work of a frame dropped at the end of a reply. Marks wait for the GPU where the host
+    has not just read the result they mark; each is taken once per reply."""
 
     STAGES = ("thinker", "talker", "vocoder")
 
@@ -563,11 +577,11 @@ class _Clock:
     def timed(self, stage: str):
         """Time the work queued in the block (on the CPU, where work is synchronous: the block)."""
         if self.cuda:
-            began = torch.cuda.Event(enable_timing=True)
-            began.record()
+            stream = torch.cuda.current_stream(self.device)
+            began, ended = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            began.record(stream)
             yield
-            ended = torch.cuda.Event(enable_timing=True)
-            ended.record()
+            ended.record(stream)
             self._events[stage].append((began, ended))
             return
         began = time.perf_counter()

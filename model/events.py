@@ -48,9 +48,9 @@ class StageTimings:
 
     Keys used by the engine: `encode_tail`, `prefill`, `first_token`, `first_frame`,
     `first_packet` (end of turn -> first packet ready; wall clock after a device sync),
-    `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's time
-    between CUDA events around its work on the GPU, wall clock on the CPU), `listen_ms` (time
-    spent prefilling while listening, wall clock after a device sync).
+    `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's span
+    between CUDA events around its work on the GPU's stream, wall clock on the CPU),
+    `listen_ms` (time spent prefilling while listening, wall clock after a device sync).
     """
 
     turn: int

@@ -393,10 +393,10 @@ class CapturedCall:
     """`fn(*inputs)` captured once as a CUDA graph and replayed with new input values.
 
     Inputs are copied into static buffers (a Python number is written into its buffer by a
-    kernel: no host-to-device copy, which would wait for the GPU); the outputs are static tensors
-    overwritten by the next replay (copy what must outlive it). Warm-up runs (compilation, allocator) happen on a side
-    stream first, as capture requires; the tensors in `preserve`, which fn updates in place,
-    get their values back after them.
+    kernel: no host-to-device copy, which would wait for the GPU); the outputs are static
+    tensors overwritten by the next replay (copy what must outlive it). Warm-up runs
+    (compilation, allocator) happen on a side stream first, as capture requires; the tensors in
+    `preserve`, which fn updates in place, get their values back after them.
     """
 
     def __init__(self, fn, example: tuple[torch.Tensor, ...], pool=None, warmup: int = 2,

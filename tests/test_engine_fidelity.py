@@ -12,6 +12,7 @@ for how those differ from the offline extractor's).
 from __future__ import annotations
 
 import contextlib
+import time
 
 import numpy as np
 import pytest
@@ -48,8 +49,8 @@ def mel_of(audio: np.ndarray) -> torch.Tensor:
 
 
 def make_conversation(bundle, checkpoint, window_s, packet_frames=4, first=1, decoder="eager",
-                      **qwen):
-    settings = tiny_settings(checkpoint, encoder_window_s=window_s, max_reply_tokens=MAX_TOKENS,
+                      max_tokens=MAX_TOKENS, **qwen):
+    settings = tiny_settings(checkpoint, encoder_window_s=window_s, max_reply_tokens=max_tokens,
                              decoder=decoder, **qwen,
                              packet_frames=packet_frames, first_packet_frames=first,
                              max_reply_seconds=MAX_FRAMES / 12.5)
@@ -162,6 +163,8 @@ def test_cancel_then_continue_equals_generate_on_truncated_history(tiny_bundle, 
     interrupted = events[-1]
     assert isinstance(interrupted, Interrupted)
     assert interrupted.heard_samples == heard
+    cut = [i for i, e in enumerate(events) if isinstance(e, AudioPacket)][1]  # cancelled here
+    assert not any(isinstance(e, (TextDelta, AudioPacket)) for e in events[cut + 1:-1])
     kept = conv.turns[-1].reply_ids
     assert len(kept) <= 4
     conv.cancel(0)  # between turns: harmless
@@ -208,6 +211,40 @@ def test_speech_ending_before_the_text_drops_the_frame_launched_ahead(tiny_bundl
     ids, wave, _ = run_turn(conv, second, chunk=4000)
     assert_matches_reference(tiny_bundle, settings, conv, ids, wave,
                              [mel_of(first), mel_of(second)], [full_ids[:6]], choices)
+
+
+def test_a_reply_cut_at_the_frame_cap_keeps_the_text_it_spoke(tiny_bundle, tiny_checkpoint):
+    """More text than frames: the reply stops at MAX_FRAMES with one token per frame (the text
+    the talker was given; no token is sampled past the last frame), generate()'s first tokens
+    and codes, and the history keeps just that text."""
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, 1.0,
+                                       max_tokens=MAX_FRAMES + 10)
+    audio = user_audio(2.4, seed=2)
+    ids, _, events = run_turn(conv, audio, chunk=4000)
+    ref = reference_reply(tiny_bundle, settings.qwen, [mel_of(audio)], [], max_frames=MAX_FRAMES)
+    assert len(ref.reply_ids) > MAX_FRAMES
+    assert ids == ref.reply_ids[:MAX_FRAMES]
+    assert torch.equal(conv.last_codes, ref.codes[:, :MAX_FRAMES])
+    assert list(events[-1].token_ids) == ids and conv.turns[-1].reply_ids == ids
+
+
+def test_marks_do_not_count_the_time_the_listener_spends_on_events(tiny_bundle,
+                                                                    tiny_checkpoint):
+    """`first_token` and `first_packet` are taken before their events are handed over: a slow
+    consumer (a view, a player) does not move them."""
+    conv, _ = make_conversation(tiny_bundle, tiny_checkpoint, 1.0)
+    conv.feed(user_audio(1.2, seed=8))
+    received, stages = {}, {}
+    for event in conv.end_turn():
+        kind = {TextDelta: "first_token", AudioPacket: "first_packet"}.get(type(event))
+        if kind and kind not in received:
+            received[kind] = time.perf_counter()
+            time.sleep(0.3)
+        elif isinstance(event, StageTimings):
+            stages = event.stages
+    apart_here = 1000 * (received["first_packet"] - received["first_token"])
+    apart_there = stages["first_packet"] - stages["first_token"]
+    assert abs(apart_here - apart_there) < 150  # a mark after the handover would be 300 off
 
 
 def test_chunk_sizes_do_not_change_the_reply(tiny_bundle, tiny_checkpoint):
