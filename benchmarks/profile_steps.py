@@ -18,6 +18,8 @@ from duplex_chat.config import load_settings
 from duplex_chat.model import bench
 from duplex_chat.model.engine import StreamingConversation
 from duplex_chat.model.events import StageTimings
+from step_micro import _time  # noqa: E402  (benchmarks/ is on the path when run as a script)
+from talker_micro import random_talker  # noqa: E402
 
 
 def timed(label, fn, device, repeat=5):
@@ -31,23 +33,6 @@ def timed(label, fn, device, repeat=5):
     print(f"{label}: median {sorted(times)[len(times) // 2]:.2f} ms over {repeat}")
 
 
-def _median_event_ms(run, repeat: int, sync_each: bool) -> float:
-    """Median CUDA-event time of `run()`; with `sync_each` every call starts on an idle GPU,
-    else calls queue back to back (as when the host runs ahead of the GPU)."""
-    pairs = []
-    torch.cuda.synchronize()
-    for _ in range(repeat):
-        began, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        began.record()
-        run()
-        ended.record()
-        pairs.append((began, ended))
-        if sync_each:
-            torch.cuda.synchronize()
-    torch.cuda.synchronize()
-    return statistics.median(a.elapsed_time(b) for a, b in pairs)
-
-
 def frame_in_context(label, talker, code0, rest, between=None, repeat=30) -> None:
     """One talker step + frame (what a reply runs per frame) at the current talker length:
     on an idle GPU, back to back, and right after `between()` (a thinker step, say)."""
@@ -58,9 +43,8 @@ def frame_in_context(label, talker, code0, rest, between=None, repeat=30) -> Non
         talker.crop(length)
         talker.step_frame(embed, code0, rest)
 
-    frame()
-    idle = _median_event_ms(frame, repeat, sync_each=True)
-    queued = _median_event_ms(frame, repeat, sync_each=False)
+    idle = _time(frame, repeat, sync_each=True)
+    queued = _time(frame, repeat, sync_each=False)
     line = f"{label}: step+frame idle start {idle:.3f} ms, back to back {queued:.3f} ms"
     if between is not None:
         pairs = []
@@ -76,27 +60,6 @@ def frame_in_context(label, talker, code0, rest, between=None, repeat=30) -> Non
         line += f", right after a thinker step {after:.3f} ms"
     talker.crop(length)
     print(line, flush=True)
-
-
-def talker_alone(max_len: int):
-    """A talker built by itself (as benchmarks/talker_micro.py builds it), in this process."""
-    from transformers import Qwen3OmniMoeTalkerConfig
-    from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
-        Qwen3OmniMoeTalkerForConditionalGeneration,
-    )
-
-    from duplex_chat.model.reference_config import release_config_dict
-    from duplex_chat.model.streams import TalkerStream
-    from duplex_chat.model.tiny import init_talker_moe
-
-    config = Qwen3OmniMoeTalkerConfig(**release_config_dict()["talker_config"])
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = Qwen3OmniMoeTalkerForConditionalGeneration._from_config(config,
-                                                                        dtype=torch.bfloat16)
-    init_talker_moe(model)
-    model.eval()
-    return TalkerStream(model, fast=True, max_len=max_len)
 
 
 def gpu_gaps(trace_path: str) -> None:
@@ -201,7 +164,7 @@ def _frames_in_contexts(conv, alone: bool) -> None:
             frame_in_context("engine's talker", conv.talker, code0, rest, thinker_step)
             return
         for max_len in (conv.talker.stack.max_len, 4096):
-            single = talker_alone(max_len)
+            single = random_talker(max_len)
             d = single.codec_head.in_features
             single.warm_up_frames(512, code0, rest)
             single.start_reply(torch.randn(3, d, device="cuda", dtype=torch.bfloat16),

@@ -21,19 +21,24 @@ import time
 import torch
 
 
-def _time(fn, repeat: int = 50) -> float:
+def _time(fn, repeat: int = 50, sync_each: bool = True) -> float:
+    """Median CUDA-event ms of `fn()` after 3 warm-up calls; with `sync_each` every call starts
+    on an idle GPU, else calls queue back to back (as when the host runs ahead of the GPU)."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
-    times = []
+    pairs = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+        pairs.append((start, end))
+        if sync_each:
+            torch.cuda.synchronize()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in pairs)
+    return times[len(times) // 2]
 
 
 def _kernels(fn) -> tuple[int, list]:

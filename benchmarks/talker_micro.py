@@ -38,17 +38,31 @@ WAIT_LIMIT_S = 300  # for the other variants' compiles; they take 2-2.5 min on a
 LONG_TALKER = 1800  # talker cache positions in the 2048-row window
 
 
-def _build(variant: str):
+def random_talker(max_len: int):
+    """The talker and its code predictor alone (full size from the release config, random
+    weights, MoE drawn, bf16 on cuda:0) as a fast TalkerStream with `max_len` positions."""
     from transformers import Qwen3OmniMoeTalkerConfig
     from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import (
         Qwen3OmniMoeTalkerForConditionalGeneration,
     )
 
-    from duplex_chat.config import load_settings
-    from duplex_chat.model import engine, fast
     from duplex_chat.model.reference_config import release_config_dict
     from duplex_chat.model.streams import TalkerStream
     from duplex_chat.model.tiny import init_talker_moe
+
+    config = Qwen3OmniMoeTalkerConfig(**release_config_dict()["talker_config"])
+    torch.manual_seed(0)
+    with torch.device("cuda:0"):
+        model = Qwen3OmniMoeTalkerForConditionalGeneration._from_config(config,
+                                                                        dtype=torch.bfloat16)
+    init_talker_moe(model)
+    model.eval()
+    return TalkerStream(model, fast=True, max_len=max_len)
+
+
+def _build(variant: str):
+    from duplex_chat.config import load_settings
+    from duplex_chat.model import engine, fast
 
     parts = variant.split("+")
     options = dict(BASE)
@@ -61,19 +75,13 @@ def _build(variant: str):
             raise SystemExit(f"unknown variant part {part!r}")
     fast.COMPILE_OPTIONS = fast.inductor_options(options)
     device = torch.device("cuda:0")
-    config = Qwen3OmniMoeTalkerConfig(**release_config_dict()["talker_config"])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3OmniMoeTalkerForConditionalGeneration._from_config(config,
-                                                                        dtype=torch.bfloat16)
-    init_talker_moe(model)
-    model.eval()
-    talker = TalkerStream(model, fast=True, max_len=4096)
+    talker = random_talker(max_len=4096)
     if "talker_sdpa" in parts:
         talker.stack.written_out_rows = 0
     generator = torch.Generator(device=device)
     generator.manual_seed(0)
-    _, code0, rest = engine.stage_samplers(load_settings().qwen, config, device, generator)
+    _, code0, rest = engine.stage_samplers(load_settings().qwen, talker.talker.config, device,
+                                           generator)
     return talker, code0, rest
 
 

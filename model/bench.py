@@ -1,10 +1,10 @@
 """Measurements behind `duplex-chat bench`: the engine's speed on the GPU, next to stock generate().
 
-Marks (first packet) are timed after a device sync, stage costs between CUDA events around each
-stage's work (the engine's stage clock), all after warm-up turns, so CUDA-graph capture and
-first-call costs stay out of the numbers. The random-weights model costs the same per token as
-the real one: the work does not depend on the values of the weights, only on their shapes and on
-which experts the router picks.
+Marks (first packet) are wall clock from the end of the turn, stage costs the spans between
+CUDA events around each stage's work (the engine's stage clock), all after warm-up turns, so
+CUDA-graph capture and first-call costs stay out of the numbers. The random-weights model costs
+the same per token as the real one: the work does not depend on the values of the weights, only
+on their shapes and on which experts the router picks.
 """
 
 from __future__ import annotations

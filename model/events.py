@@ -47,8 +47,8 @@ class StageTimings:
     """Per-stage timings of one reply, in milliseconds.
 
     Keys used by the engine: `encode_tail`, `prefill`, `first_token`, `first_frame`,
-    `first_packet` (end of turn -> first packet ready; wall clock after a device sync),
-    `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's span
+    `first_packet` (end of turn -> first packet ready; wall clock, taken once the host has
+    what it marks), `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's span
     between CUDA events around its work on the GPU's stream, wall clock on the CPU),
     `listen_ms` (time spent prefilling while listening, wall clock after a device sync).
     """

@@ -53,6 +53,8 @@ def compile_step(fn):
     """`fn` compiled for fixed-shape decode work with COMPILE_OPTIONS (read at call time, so a
     benchmark can set them first)."""
     return torch.compile(fn, dynamic=False, options=COMPILE_OPTIONS)
+
+
 # Attention of a step this short, over a window this long, is written out (`attend_few`); longer
 # ones use SDPA. Written out won at the code predictor's 16 rows and a 512-row thinker window
 # (4.43 -> 4.24 ms/token, H200); longer windows keep SDPA's flash kernel, not yet timed against it.
