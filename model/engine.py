@@ -185,7 +185,8 @@ class StreamingConversation:
     @property
     def last_codes(self) -> torch.Tensor:
         """(16, frames) codec codes of the latest reply (for tests and inspection)."""
-        return torch.stack(self._last_audio.all_codes, dim=1)
+        codes = self._last_audio.all_codes
+        return torch.stack(codes, dim=1) if codes else torch.zeros(16, 0, dtype=torch.long)
 
     # ----- listening ---------------------------------------------------------------------------
 
@@ -265,18 +266,24 @@ class StreamingConversation:
         due waits for its check first, so its audio does not queue behind the next frame. The
         frame launched after the last one and its token are dropped: the talker forgets the
         reply anyway, and the token never entered the thinker's cache (a step writes the token
-        before the one it samples). The text kept is the text the talker was given: one token
-        per frame, so a reply cut at the frame cap keeps no token past its last frame, and
-        nothing more is emitted once `cancel` is seen."""
+        before the one it samples). The talker gets the text as generate() gives it (see
+        `_ReplyState`): one token per frame, and in place of the reply's last token (its end
+        token, or the one that reaches `max_reply_tokens`) the end of text. A reply cut at
+        the frame cap keeps no token past its last frame, and nothing more is emitted once
+        `cancel` is seen."""
         reply = _ReplyState(self.tokens.im_end, self.q.max_reply_tokens, self.tokenizer)
         token = self.thinker_sampler(logits)
         first = self._take_token(turn, reply, token, int(token))
         clock.mark("first_token", wait=False)  # before the view gets it: its time is not ours
         yield first
+        self._last_audio = audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
+        if reply.done:  # no text for the talker: its only token is the last, never spoken
+            self.talker.extend_user(self._talker_user_tail)
+            yield from self._finish(turn, reply, clock, audio)
+            return
         talker_logits, state = self.talker.start_reply(self._talker_user_tail,
                                                        self._assistant_part(reply.ids[0]))
         self.vocoder.reset()
-        audio = self._last_audio = _AudioOut(turn, self.q.first_packet_frames, self.q.packet_frames)
         with clock.timed("talker"):
             frame = _Launched(*self.talker.frame(talker_logits, state, self.talker_sampler,
                                                  self.predictor_sampler))
@@ -323,7 +330,8 @@ class StreamingConversation:
                 token = self.thinker_sampler(self.thinker.step(reply.tokens[-1]))
             token_id = _OnHost(token)
         with clock.timed("talker"):
-            text = self._text_at(reply, index) if token is None else self._project_token(token)
+            text = self._text_at(reply, index) if token is None else self._text_of_new_token(
+                token, last=len(reply.ids) + 1 >= reply.limit)
             codes, codec_sum = self.talker.step_frame(previous.codec_sum + text,
                                                       self.talker_sampler, self.predictor_sampler)
             return _Launched(codes, codec_sum, token, token_id)
@@ -338,7 +346,7 @@ class StreamingConversation:
 
     def _interrupt(self, turn: int, reply: "_ReplyState") -> Iterator[Event]:
         heard_frames = -(-self._heard_samples // self.vocoder.samples_per_frame)
-        kept = reply.text_ids()[:heard_frames]
+        kept = reply.spoken(heard_frames)
         self._close_reply(kept)
         self._cancel.clear()
         yield Interrupted(turn, self._heard_samples, self._decode(kept))
@@ -376,11 +384,21 @@ class StreamingConversation:
         return text + codec
 
     def _text_at(self, reply: "_ReplyState", index: int) -> torch.Tensor:
-        """Text added to the talker's input for frame `index`: reply token `index`, then
-        tts_eos, then tts_pad. (d,)"""
-        if index < len(reply.ids):
+        """Text added to the talker's input for frame `index` of a reply whose tokens up to
+        `index` are known: reply token `index` while the talker is given tokens, then tts_eos,
+        then tts_pad. (d,)"""
+        if index < reply.fed:
             return self._project_token(reply.tokens[index])
-        return self.tts_eos[0] if index == len(reply.ids) else self.tts_pad[0]
+        return self.tts_eos[0] if index == reply.fed else self.tts_pad[0]
+
+    def _text_of_new_token(self, token: torch.Tensor, last: bool) -> torch.Tensor:
+        """Text for the frame launched with a token just sampled (0-d, on the device): its
+        talker embedding, or tts_eos where it is the reply's last token. `last`: the token
+        reaches `max_reply_tokens` (the host knows). Whether it is the end token only the
+        device knows yet: decided there, so the launch does not wait for the sampler. (d,)"""
+        if last:
+            return self.tts_eos[0]
+        return torch.where(token == self.tokens.im_end, self.tts_eos[0], self._project_token(token))
 
     def _project_token(self, token: torch.Tensor) -> torch.Tensor:
         """0-d token id on the device -> its talker text embedding (d,); no host copy."""
@@ -440,7 +458,14 @@ class StreamingConversation:
 
 
 class _ReplyState:
-    """The reply's text ids as the thinker writes them, and its text decoded incrementally."""
+    """The reply's text ids as the thinker writes them, and its text decoded incrementally.
+
+    What the talker is given follows generate(), which feeds the talker the thinker's input
+    embeddings: every generated token but the last is an input to the thinker, the last never
+    is (generation stops after sampling it). So frame 0 gets token 0, frame k token k while
+    k < `fed`, frame `fed` the end of text (tts_eos) and later frames tts_pad, where `fed` is
+    the number of tokens minus one once the reply's text has ended, by its end token or by
+    `max_reply_tokens` alike."""
 
     def __init__(self, eos: int, limit: int, tokenizer):
         self.eos, self.limit, self.tokenizer = eos, limit, tokenizer
@@ -466,6 +491,16 @@ class _ReplyState:
 
     def text_ids(self) -> list[int]:
         return self.ids[:-1] if self.ended_by_eos else list(self.ids)
+
+    @property
+    def fed(self) -> int:
+        """Tokens the talker is given (so far): all but the last once the text has ended."""
+        return len(self.ids) - 1 if self.done else len(self.ids)
+
+    def spoken(self, frames: int) -> list[int]:
+        """Text ids the talker was given in the reply's first `frames` frames: what a listener
+        who heard that many frames heard."""
+        return self.ids[:min(frames, self.fed)]
 
 
 class _AudioOut:

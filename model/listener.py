@@ -3,17 +3,23 @@
 The encoder convolves every 100 mel frames (1 s) on its own and attends within windows of
 `window_frames` mel frames, so a finished window never changes once later audio arrives: it is
 encoded once, while the user is still talking. At the end of the turn only the unfinished tail
-is encoded. The result equals encoding the whole turn at once with `n_window_infer = window_frames`.
+is encoded. The result equals encoding the whole turn at once with `n_window_infer = window_frames`
+in a batch whose chunks are padded to a whole 100 frames, which is what `generate()` does whenever
+one turn of the conversation is at least 1 s long (see `_encode`).
+
+The listener never changes the model: it hands the encoder its chunks and its one attention
+window itself, so the checkpoint's own `n_window_infer` stays what a stock `generate()` uses.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from duplex_chat.audio.features import StreamingMel
 
-from .prompt import MEL_FRAMES_PER_CHUNK
+from .prompt import MEL_FRAMES_PER_CHUNK, TOKENS_PER_FULL_CHUNK, audio_token_count
 
 
 def thinker_audio_tower(thinker: torch.nn.Module) -> torch.nn.Module:
@@ -40,8 +46,6 @@ class Listener:
             raise ValueError("the encoder window must be a whole number of seconds")
         self.tower = thinker_audio_tower(thinker)
         self.window_frames = int(window_s * MEL_FRAMES_PER_CHUNK)
-        # What the offline encoder (and so generate()) would do with the same window.
-        self.tower.n_window_infer = self.window_frames
         self.mel = StreamingMel()
         self._pending: list[torch.Tensor] = []  # (128, k) frames not yet encoded
         self._pending_frames = 0
@@ -80,9 +84,30 @@ class Listener:
 
     @torch.inference_mode()
     def _encode(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames: (128, T) with T <= window_frames -> (tokens, d_thinker)."""
+        """frames: (128, T), 0 < T <= window_frames: one attention window -> (tokens, d_thinker).
+
+        The encoder's convolutions see each 100-frame chunk on its own, and the last, partial
+        chunk padded with zeros to 100 frames, as `generate()` pads it beside the turn's full
+        chunks: its convolutions read that padding (after their biases, it is not zero), so a
+        tail convolved at its own length would come out different. The chunks, which rows of
+        the convolved grid are real, and the one attention window are handed to the encoder
+        (the precomputed inputs its forward accepts), so nothing depends on the checkpoint's
+        `n_window_infer`."""
         weight = self.tower.conv2d1.weight
-        features = frames.to(device=weight.device, dtype=weight.dtype)
-        lengths = torch.tensor([features.shape[1]], device=weight.device)
-        out = self.tower(input_features=features, feature_lens=lengths, return_dict=True)
+        device = weight.device
+        features = frames.to(device=device, dtype=weight.dtype)
+        bins, length = features.shape
+        chunks = -(-length // MEL_FRAMES_PER_CHUNK)
+        padded = F.pad(features, (0, chunks * MEL_FRAMES_PER_CHUNK - length))
+        padded = padded.view(bins, chunks, MEL_FRAMES_PER_CHUNK).transpose(0, 1)  # (chunks, 128, 100)
+        chunk_lengths = [MEL_FRAMES_PER_CHUNK] * (chunks - 1)
+        chunk_lengths.append(length - MEL_FRAMES_PER_CHUNK * (chunks - 1))
+        valid = torch.cat([i * TOKENS_PER_FULL_CHUNK + torch.arange(audio_token_count(n))
+                           for i, n in enumerate(chunk_lengths)]).to(device)
+        tokens = audio_token_count(length)
+        out = self.tower(
+            input_features=features, feature_lens=torch.tensor([length], device=device),
+            padded_feature=padded.contiguous(), chunk_lengths=torch.tensor(chunk_lengths, device=device),
+            valid_indices=valid, cu_seqlens=torch.tensor([0, tokens], dtype=torch.int32, device=device),
+            return_dict=True)
         return out.last_hidden_state

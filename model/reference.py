@@ -20,7 +20,8 @@ from duplex_chat.config import QwenSettings
 
 from .engine import sync
 from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, TurnStarted
-from .prompt import ChatTokens, audio_token_count
+from .listener import thinker_audio_tower
+from .prompt import MEL_FRAMES_PER_CHUNK, ChatTokens, audio_token_count
 
 
 @dataclass
@@ -59,13 +60,31 @@ def _capture_codes(model, sink: list):
         del model.code2wav.chunked_decode  # back to the class's method
 
 
+@contextmanager
+def encoder_window(model, window_s: float | None):
+    """While inside, the audio encoder attends within windows of `window_s` seconds (None: the
+    checkpoint's own `n_window_infer`, 8 s in the release). Restored on the way out, so a stock
+    generate() later in the process sees the checkpoint's window."""
+    tower = thinker_audio_tower(model.thinker)
+    saved = tower.n_window_infer
+    if window_s is not None:
+        tower.n_window_infer = int(window_s * MEL_FRAMES_PER_CHUNK)
+    try:
+        yield
+    finally:
+        tower.n_window_infer = saved
+
+
 @torch.inference_mode()
 def reference_reply(bundle, q: QwenSettings, features: list[torch.Tensor],
-                    replies: list[list[int]], max_frames: int = 1500) -> ReferenceReply:
+                    replies: list[list[int]], max_frames: int = 1500,
+                    encoder_window_s: float | None = None) -> ReferenceReply:
     """Run `generate()` on a conversation.
 
     features: one (128, T_i) log-mel tensor per user turn; replies: the text ids of the replies
     to all but the last turn. Sampling follows `q` (greedy or the per-stage settings).
+    `encoder_window_s`: the audio encoder's attention window for this call (the engine's
+    `q.encoder_window_s` to compare with the engine; None: the checkpoint's own).
     """
     model, tokenizer = bundle.model, bundle.tokenizer
     tokens = ChatTokens.from_model(model.config, tokenizer)
@@ -95,7 +114,8 @@ def reference_reply(bundle, q: QwenSettings, features: list[torch.Tensor],
                       thinker_top_k=q.thinker_top_k, talker_temperature=q.talker_temperature,
                       talker_top_p=q.talker_top_p, talker_top_k=q.talker_top_k)
     captured: list[torch.Tensor] = []
-    with _capture_codes(model, captured), warnings.catch_warnings():
+    with _capture_codes(model, captured), encoder_window(model, encoder_window_s), \
+            warnings.catch_warnings():
         # generate() warns that the talker's repetition penalty sees only new codes: intended.
         warnings.filterwarnings("ignore", message=".*repetition_penalty.*", category=UserWarning)
         sequences, waveform = model.generate(**kwargs)
