@@ -1,5 +1,5 @@
-"""Shared fixtures: one tiny random Qwen3-Omni checkpoint per test session, loaded through the
-same path as a real one."""
+"""Shared fixtures: tiny random Qwen3-Omni checkpoints, one per shape and test session, loaded
+through the same path as a real one."""
 
 from __future__ import annotations
 
@@ -7,16 +7,45 @@ import pytest
 import torch
 
 from duplex_chat.config import load_settings
-from duplex_chat.model.tiny import build_tiny_checkpoint
+from duplex_chat.model.tiny import SHAPES, build_tiny_checkpoint
 
 # Two cores in CI: more threads than that only adds contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """A saved tiny checkpoint directory (built once, ~6 s)."""
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-omni"))
+def tiny_models(tmp_path_factory):
+    """shape -> (checkpoint directory, loaded bundle), each built on first use (~3 s) and kept
+    for the session (treat the bundles as read-only)."""
+    from duplex_chat.model.loading import load_model
+
+    built: dict[str, tuple] = {}
+
+    def get(shape: str):
+        if shape not in built:
+            directory = build_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{shape}"), shape=shape)
+            built[shape] = directory, load_model(tiny_settings(directory).qwen)
+        return built[shape]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_models):
+    """The default ("small") tiny checkpoint's directory."""
+    return tiny_models("small")[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_models):
+    """The default tiny checkpoint loaded through `load_model`."""
+    return tiny_models("small")[1]
+
+
+@pytest.fixture(scope="session", params=sorted(SHAPES))
+def any_tiny(request, tiny_models):
+    """(checkpoint, bundle) of each tiny shape in turn: tests that use it run on both."""
+    return tiny_models(request.param)
 
 
 def tiny_settings(checkpoint, **qwen):
@@ -25,11 +54,3 @@ def tiny_settings(checkpoint, **qwen):
                  "qwen.torch_dtype": "float32", "qwen.greedy": True}
     overrides.update({f"qwen.{k}": v for k, v in qwen.items()})
     return load_settings(overrides=overrides, environ={})
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tiny_checkpoint):
-    """The tiny checkpoint loaded through `load_model` (session-wide: treat as read-only)."""
-    from duplex_chat.model.loading import load_model
-
-    return load_model(tiny_settings(tiny_checkpoint).qwen)

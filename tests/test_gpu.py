@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from .conftest import tiny_settings
+from .fidelity import run_turn, user_audio
 from .test_engine_fidelity import (
     assert_stage_timings_sane,
-    assert_two_turns_match_reference,
+    assert_turns_match_reference,
     make_conversation,
-    run_turn,
-    user_audio,
 )
 
 pytestmark = pytest.mark.gpu
@@ -32,7 +31,7 @@ def test_fast_decoder_on_gpu_equals_generate(cuda_bundle, tiny_checkpoint):
     conv, settings = make_conversation(cuda_bundle, tiny_checkpoint, 2.0, decoder="fast",
                                        device_map="cuda")
     assert conv.talker._graphed  # the graph paths, not the CPU fallbacks
-    assert_two_turns_match_reference(cuda_bundle, settings, conv)
+    assert_turns_match_reference(conv, settings, [(2.4, 2), (1.7, 3)])
     _, _, events = run_turn(conv, user_audio(1.5, seed=4), chunk=4000)  # timed by CUDA events
     assert_stage_timings_sane(events)
 
