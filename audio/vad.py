@@ -29,6 +29,18 @@ from .constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES, ms_to_samples
 
 REINSTALL_HINT = "Reinstall it with `pip install --force-reinstall silero-vad`."
 
+# load_silero_vad() finds its bundled model with importlib.resources.path (deprecated since
+# Python 3.11) and loads it with torch.jit.load, which torch deprecates: a DeprecationWarning up
+# to torch 2.13, a FutureWarning from 2.14 on. Python shows FutureWarnings to every user, so
+# with a plain `pip install torch` every command printed it on stderr. Neither is ours to fix:
+# silero-vad ships its torch model only as TorchScript. Exactly these messages are silenced, only
+# around that call; a load that really fails still raises and is reported as one line below.
+_SILERO_LOAD_WARNINGS = (
+    (DeprecationWarning, r"path is deprecated\. Use files\(\) instead"),
+    (DeprecationWarning, r"`torch\.jit\.load` is "),
+    (FutureWarning, r"`torch\.jit\.load` is "),  # "is deprecated", on Python 3.14 "is not supported"
+)
+
 
 class SileroVad:
     """Silero VAD (the TorchScript model bundled with the silero-vad package, loaded offline).
@@ -40,8 +52,9 @@ class SileroVad:
     def __init__(self) -> None:
         load_silero_vad = _import_silero()
         try:
-            with warnings.catch_warnings():  # its use of importlib.resources.path and jit.load
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings():
+                for category, message in _SILERO_LOAD_WARNINGS:
+                    warnings.filterwarnings("ignore", message, category)
                 self._model = load_silero_vad()
         except Exception as exc:  # any failure here means a broken install, not a bug of ours
             raise DuplexError(

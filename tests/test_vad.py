@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -222,6 +223,27 @@ def test_loading_silero_keeps_the_torch_thread_count(monkeypatch):
         assert torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_loading_silero_prints_no_warning_yet_lets_others_through(monkeypatch):
+    # silero-vad loads its model with torch.jit.load; from torch 2.14 its deprecation is a
+    # FutureWarning, which Python prints on every command's stderr unless SileroVad hides it.
+    import silero_vad
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        SileroVad()
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+    real = silero_vad.load_silero_vad
+
+    def load_with_another_warning():
+        warnings.warn("an unexpected warning while loading", FutureWarning)
+        return real()
+
+    monkeypatch.setattr(silero_vad, "load_silero_vad", load_with_another_warning)
+    with pytest.warns(FutureWarning, match="an unexpected warning while loading"):
+        SileroVad()
 
 
 def test_a_broken_silero_install_is_a_duplex_error(monkeypatch):
