@@ -56,7 +56,7 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
 
     from .loading import _drop_vision, quiet_transformers
     from .reference_config import release_config_dict
-    from .tiny import build_tiny_tokenizer, init_talker_moe
+    from .tiny import build_tiny_tokenizer, init_talker_moe, make_lifelike
 
     started = time.perf_counter()
     quiet_transformers()
@@ -71,6 +71,7 @@ def random_weights_bundle(device: torch.device, dtype: torch.dtype,
         model = Qwen3OmniMoeForConditionalGeneration._from_config(config, dtype=dtype)
     init_talker_moe(model.talker)
     _drop_vision(model)
+    make_lifelike(model)  # biases, norms, an audible vocoder: what fidelity checks need
     model.eval()
     torch.cuda.empty_cache() if device.type == "cuda" else None
     return ModelBundle(model, build_tiny_tokenizer(), "random weights (release config)", device,

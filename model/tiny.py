@@ -164,7 +164,9 @@ def make_lifelike(model, seed: int = 0) -> None:
     PyTorch's default scale (1/sqrt(fan_in)) instead of N(0, 0.02): at 0.02 the encoder's output is
     its position embedding (two different sentences 0.6 % apart) and the vocoder is silent (peak
     2e-6). The vocoder's residual scales are raised so its sliding-window attention matters, and
-    its last conv sets the level of a reply to `VOCODER_RMS`."""
+    its last conv sets the level of a reply to `VOCODER_RMS`. Works on any device and dtype (the
+    full-size random model of `bench --random-weights` gets it too); draws from its own
+    generator, so the same seed gives the same model."""
     from torch import nn
 
     generator = torch.Generator().manual_seed(10_000 + seed)
@@ -202,18 +204,20 @@ def _set_projection_levels(model, generator: torch.Generator) -> None:
     `accept_hidden_layer` for them."""
     talker, thinker = model.talker, model.thinker
     lm = thinker_text_model(thinker)
-    ids = torch.randint(0, 150_000, (1, 32), generator=generator)
+    device = lm.embed_tokens.weight.device
+    ids = torch.randint(0, 150_000, (1, 32), generator=generator).to(device)
     embeds = lm.embed_tokens(ids)
     layer = model.config.talker_config.accept_hidden_layer
     states = lm(inputs_embeds=embeds, output_hidden_states=True).hidden_states[layer]
     tables = [talker.model.get_input_embeddings(), *talker.code_predictor.model.get_input_embeddings()]
-    codes = [torch.randint(0, t.num_embeddings, (32,), generator=generator) for t in tables]
+    codes = [torch.randint(0, t.num_embeddings, (32,), generator=generator).to(device)
+             for t in tables]
     target = sum(t(c) for t, c in zip(tables, codes)).norm(dim=-1).mean()  # a frame's codec sum
     for mlp, inputs in ((talker.text_projection, embeds[0]), (talker.hidden_projection, states[0])):
         scale = inputs.pow(2).mean().sqrt()
         for linear, gain in ((mlp.linear_fc1, 1 / scale), (mlp.linear_fc2, 1.0)):
             linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator)
-                                * gain / linear.in_features ** 0.5)
+                                * float(gain) / linear.in_features ** 0.5)
         level = mlp(inputs).norm(dim=-1).mean()  # the bias (N(0, BIAS_STD)) adds little
         mlp.linear_fc2.weight.mul_(target / level)
 
@@ -234,7 +238,7 @@ def _set_vocoder_level(vocoder, generator: torch.Generator) -> None:
     much is, a step only brings the level down, and the next one finishes the job."""
     last = vocoder.decoder[-1].conv
     codes = torch.randint(0, vocoder.config.codebook_size, (1, vocoder.config.num_quantizers, 24),
-                          generator=generator)
+                          generator=generator).to(last.weight.device)
     with torch.no_grad():
         for _ in range(10):
             rms = float(vocoder(codes)[0, 0].pow(2).mean().sqrt())
