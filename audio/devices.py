@@ -8,6 +8,7 @@ when not, the exact command that installs PortAudio on this system.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,17 @@ KINDS: tuple[str, ...] = ("input", "output")
 CHECK_CHANNELS = 1  # duplex-chat records and plays mono
 OS_RELEASE = Path("/etc/os-release")
 
-# Install commands per OS family (matched against /etc/os-release ID and ID_LIKE).
+# Install commands per OS family (matched against /etc/os-release ID and ID_LIKE). The steps of
+# the families in NEEDS_ROOT run as root: `portaudio_install_command` puts "sudo " before each one
+# unless duplex-chat already runs as root (Debian's container images have no sudo at all).
 INSTALL_COMMANDS: dict[str, str] = {
-    "debian": "sudo apt-get install libportaudio2",
-    "fedora": "sudo dnf install portaudio",
-    "arch": "sudo pacman -S portaudio",
-    "suse": "sudo zypper install libportaudio2",
+    "debian": "apt-get update && apt-get install libportaudio2",  # a fresh system has no lists yet
+    "fedora": "dnf install portaudio",
+    "arch": "pacman -S portaudio",
+    "suse": "zypper install libportaudio2",
     "macos": "brew install portaudio",
 }
+NEEDS_ROOT = {"debian", "fedora", "arch", "suse"}
 FAMILY_ALIASES = {"ubuntu": "debian", "rhel": "fedora", "centos": "fedora", "manjaro": "arch",
                   "opensuse": "suse", "opensuse-leap": "suse", "opensuse-tumbleweed": "suse"}
 
@@ -74,8 +78,16 @@ def portaudio_install_command() -> str:
     for os_id in ids:
         family = FAMILY_ALIASES.get(os_id, os_id)
         if family in INSTALL_COMMANDS:
-            return INSTALL_COMMANDS[family]
-    return "; ".join(f"{name}: {cmd}" for name, cmd in INSTALL_COMMANDS.items())
+            return _install_command(family)
+    return "; ".join(f"{name}: {_install_command(name)}" for name in INSTALL_COMMANDS)
+
+
+def _install_command(family: str) -> str:
+    """INSTALL_COMMANDS[family], with "sudo " before each step that needs root, unless we are root."""
+    command = INSTALL_COMMANDS[family]
+    if family not in NEEDS_ROOT or os.geteuid() == 0:
+        return command
+    return " && ".join(f"sudo {step}" for step in command.split(" && "))
 
 
 def portaudio_status() -> tuple[bool, str]:

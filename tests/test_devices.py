@@ -103,15 +103,29 @@ def test_portaudio_missing_gives_the_install_command(monkeypatch):
 
 def test_install_command_follows_os_release(monkeypatch, tmp_path):
     monkeypatch.setattr(devices.sys, "platform", "linux")
-    cases = {'ID=ubuntu\nID_LIKE=debian\n': "sudo apt-get install libportaudio2",
+    monkeypatch.setattr(devices.os, "geteuid", lambda: 1000)  # a user: each step needs sudo
+    cases = {'ID=ubuntu\nID_LIKE=debian\n':
+             "sudo apt-get update && sudo apt-get install libportaudio2",
              'ID="fedora"\n': "sudo dnf install portaudio",
              'ID=endeavouros\nID_LIKE=arch\n': "sudo pacman -S portaudio"}
     for text, command in cases.items():
         (tmp_path / "os-release").write_text(text)
         monkeypatch.setattr(devices, "OS_RELEASE", tmp_path / "os-release")
         assert devices.portaudio_install_command() == command
+    (tmp_path / "os-release").write_text('ID=unknown\n')
+    assert devices.portaudio_install_command().startswith(
+        "debian: sudo apt-get update && sudo apt-get install libportaudio2; fedora: sudo dnf")
     monkeypatch.setattr(devices.sys, "platform", "darwin")
     assert devices.portaudio_install_command() == "brew install portaudio"
+
+
+def test_install_command_has_no_sudo_for_root(monkeypatch, tmp_path):
+    # Root on a Debian image has no sudo, and needs none.
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.setattr(devices.os, "geteuid", lambda: 0)
+    (tmp_path / "os-release").write_text('ID=debian\n')
+    monkeypatch.setattr(devices, "OS_RELEASE", tmp_path / "os-release")
+    assert devices.portaudio_install_command() == "apt-get update && apt-get install libportaudio2"
 
 
 def test_sounddevice_package_missing(monkeypatch):
