@@ -81,7 +81,8 @@ def sync(device: torch.device) -> None:
 
 
 class StreamingConversation:
-    """A conversation with explicit lifecycle: feed, end_turn (streams events), cancel, reset.
+    """A conversation with explicit lifecycle: feed, end_turn (streams events), cancel,
+    truncate, reset.
 
     Implements `protocol.Conversation`. Not thread-safe except `cancel`.
     """
@@ -134,6 +135,7 @@ class StreamingConversation:
         self.talker.reset()
         self.listener.reset()
         self.turns: list[_Turn] = []
+        self._closed: tuple[_ReplyState, int] | None = None  # last reply, samples it played
         self.turn_index = 0
         self._open_audio: list[torch.Tensor] = []
         self._turn_open = False
@@ -171,6 +173,28 @@ class StreamingConversation:
         with self._working():
             yield from self._reply()
 
+    def truncate(self, heard_samples: int) -> str:
+        """The user heard only the first `heard_samples` samples (24 kHz) of the last reply, which
+        has ended (finished or cancelled): the history keeps the text of the frames heard, by
+        the rule `cancel` uses. For a player that learns what was heard after the fact, or a
+        barge-in after the reply finished generating (the engine is faster than real time).
+        Allowed until the next user turn starts (its first `feed`); on the worker thread. A
+        reply heard whole, or already cut shorter, stays as it is. Returns its text as kept."""
+        if self._turn_open:
+            raise RuntimeError("truncate() after the next user turn started")
+        if self._closed is None:
+            return ""
+        reply, played = self._closed
+        kept = self.turns[-1].reply_ids
+        if heard_samples < played:
+            heard_frames = -(-max(0, int(heard_samples)) // self.vocoder.samples_per_frame)
+            spoken = reply.spoken(heard_frames)
+            if len(spoken) < len(kept):
+                with self._working():
+                    self._close_reply(spoken)
+                kept = spoken
+        return self._decode(kept)
+
     def _capture_graphs(self) -> None:
         """Compile and capture the decode steps now, not in the middle of the first reply."""
         with self._working():
@@ -191,6 +215,7 @@ class StreamingConversation:
     # ----- listening ---------------------------------------------------------------------------
 
     def _open_turn(self) -> None:
+        self._closed = None  # the last reply can no longer be truncated
         events = self._fit_context()
         self._pending_events = events
         self._turn_start_thinker = self.thinker.length
@@ -339,6 +364,7 @@ class StreamingConversation:
     def _finish(self, turn, reply, clock, audio: "_AudioOut") -> Iterator[Event]:
         kept = reply.text_ids()
         self._close_reply(kept)
+        self._closed = reply, audio.samples
         clock.summary(len(reply.ids), audio.frames, self._listen_seconds)
         yield StageTimings(turn, clock.stages)
         yield TurnFinished(turn, self._decode(kept), tuple(kept), audio.samples,
@@ -348,6 +374,7 @@ class StreamingConversation:
         heard_frames = -(-self._heard_samples // self.vocoder.samples_per_frame)
         kept = reply.spoken(heard_frames)
         self._close_reply(kept)
+        self._closed = reply, self._heard_samples
         self._cancel.clear()
         yield Interrupted(turn, self._heard_samples, self._decode(kept))
 

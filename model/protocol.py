@@ -15,8 +15,8 @@ from .events import Event
 class Conversation(Protocol):
     """One conversation's state, with an explicit lifecycle.
 
-    Threading: `feed`, `end_turn` (iteration) and `reset` run on one worker thread; `cancel` may be
-    called from any thread at any time.
+    Threading: `feed`, `end_turn` (iteration), `truncate`, `discard_turn` and `reset` run on one
+    worker thread; `cancel` may be called from any thread at any time.
     """
 
     def feed(self, samples: np.ndarray) -> None:
@@ -29,6 +29,11 @@ class Conversation(Protocol):
         """Barge-in: stop the reply within one decode step; only the first `heard_samples` samples
         (24 kHz) of the reply audio were played, and history keeps the text up to there. Harmless
         between turns or when called twice."""
+
+    def truncate(self, heard_samples: int) -> str:
+        """Only the first `heard_samples` samples (24 kHz) of the last reply, which has ended,
+        were heard: history keeps the text up to there, as after `cancel`. Allowed until the next
+        user turn's first `feed`; a reply heard whole stays as it is. Returns the text kept."""
 
     def discard_turn(self) -> None:
         """Forget audio fed since the last reply (a false start); harmless if nothing was fed."""

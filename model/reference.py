@@ -23,6 +23,8 @@ from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, T
 from .listener import thinker_audio_tower
 from .prompt import MEL_FRAMES_PER_CHUNK, ChatTokens, audio_token_count
 
+SAMPLES_PER_FRAME = 1920  # reply audio per codec frame (24 kHz, 80 ms)
+
 
 @dataclass
 class ReferenceReply:
@@ -136,6 +138,7 @@ class StockConversation:
     def reset(self) -> None:
         self._features: list[torch.Tensor] = []
         self._replies: list[list[int]] = []
+        self._last_reply = (0, 0)  # samples of the last reply, tokens its talker was given
         self._audio: list[np.ndarray] = []
         self.turn_index = 0
 
@@ -146,7 +149,21 @@ class StockConversation:
         self._audio = []
 
     def cancel(self, heard_samples: int) -> None:
-        """generate() cannot be stopped midway; the whole reply stays in the history."""
+        """generate() cannot be stopped midway; the whole reply stays in the history (`truncate`
+        can cut it afterwards)."""
+
+    def truncate(self, heard_samples: int) -> str:
+        """History keeps the text of the frames heard, one token per frame (the engine's rule),
+        until the next turn's audio arrives."""
+        if self._audio:
+            raise RuntimeError("truncate() after the next user turn started")
+        if not self._replies:
+            return ""
+        played, fed = self._last_reply
+        if heard_samples < played:
+            frames = -(-max(0, int(heard_samples)) // SAMPLES_PER_FRAME)
+            self._replies[-1] = self._replies[-1][:min(frames, fed)]
+        return self.bundle.tokenizer.decode(self._replies[-1], skip_special_tokens=True)
 
     def end_turn(self) -> Iterator[Event]:
         started = time.perf_counter()
@@ -173,6 +190,7 @@ class StockConversation:
             wave = result.waveform.cpu().numpy()
             samples = wave.shape[0]
             yield AudioPacket(turn, wave, 0, int(result.codes.shape[1]) if result.codes is not None else 0)
+        self._last_reply = samples, len(result.reply_ids) - 1  # generate() never feeds its last
         yield StageTimings(turn, {"first_packet": elapsed_ms, "total": elapsed_ms,
                                   "reply_tokens": len(result.reply_ids)})
         ended = "eos" if result.reply_ids and result.reply_ids[-1] == eos else "max_tokens"

@@ -112,6 +112,10 @@ class ScriptedConversation:
         self._log("cancel", heard_samples)
         self._cancel.set()
 
+    def truncate(self, heard_samples: int) -> str:
+        self._log("truncate", heard_samples)
+        return ""
+
     def discard_turn(self) -> None:
         self._fed = 0
         self._log("discard_turn")

@@ -224,6 +224,42 @@ def test_cancel_then_continue_equals_generate_on_truncated_history(any_tiny):
                                         chunk=3000))
 
 
+def test_truncate_after_the_reply_finished_equals_generate_on_the_cut_history(any_tiny):
+    """The engine is faster than real time, so a barge-in usually comes after the reply has
+    finished generating: `truncate` then cuts the history to the frames heard, by the rule of
+    `cancel`, and the next reply is generate()'s on that history. A reply heard whole stays;
+    once the next turn has started, the last reply can no longer be cut."""
+    checkpoint, bundle = any_tiny
+    conv, settings = make_conversation(bundle, checkpoint, 1.0)
+    first, second = user_audio(2.2, seed=5), user_audio(1.4, seed=6)
+    _, wave, events = run_turn(conv, first, chunk=3000)
+    finished = events[-1]
+    assert isinstance(finished, TurnFinished)
+    assert conv.truncate(len(wave)) == finished.text
+    assert conv.turns[-1].reply_ids == list(finished.token_ids)
+    text = conv.truncate(3 * 1920 + 100)  # a bit into the fourth frame
+    kept = conv.turns[-1].reply_ids
+    assert kept == list(finished.token_ids[:4])
+    assert text == bundle.tokenizer.decode(kept, skip_special_tokens=True)
+    assert_same_reply(conv, judged_turn(conv, settings, second, [mel_of(first)], [kept],
+                                        chunk=3000))
+    conv.feed(first[:1600])
+    with pytest.raises(RuntimeError, match="next user turn"):
+        conv.truncate(0)
+
+
+def test_stock_conversation_truncates_by_the_same_rule(tiny_bundle, tiny_checkpoint):
+    from duplex_chat.model.reference import StockConversation
+
+    _, settings = make_conversation(tiny_bundle, tiny_checkpoint, 2.0)
+    stock = StockConversation(tiny_bundle, settings.qwen)
+    _, _, events = run_turn(stock, user_audio(1.5, seed=4), chunk=4000)
+    full = list(events[-1].token_ids)
+    assert stock.truncate(2 * 1920) == tiny_bundle.tokenizer.decode(full[:2],
+                                                                     skip_special_tokens=True)
+    assert stock._replies[-1] == full[:2]
+
+
 def test_marks_do_not_count_the_time_the_listener_spends_on_events(tiny_bundle,
                                                                     tiny_checkpoint):
     """`first_token` and `first_packet` are taken before their events are handed over: a slow
