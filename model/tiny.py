@@ -332,6 +332,12 @@ def build_tiny_checkpoint(directory: str | Path, encoder_window_s: float = 2.0, 
     """
     from transformers import WhisperFeatureExtractor
 
+    from transformers.utils import logging as hf_logging
+
+    from .loading import quiet_transformers
+
+    quiet_transformers()  # the tiny config's rope keys draw a harmless warning
+    hf_logging.disable_progress_bar()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(encoder_window_s, seed, shape)
