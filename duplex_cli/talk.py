@@ -219,6 +219,8 @@ class Worker(threading.Thread):
                     self.conversation.feed(arg)
                 elif command == "discard":
                     self.conversation.discard_turn()
+                elif command == "truncate":
+                    self.conversation.truncate(arg)
                 elif command == "end_turn":
                     self._reply(arg)
         except Exception as exc:  # the control thread re-raises it with its traceback
@@ -396,6 +398,10 @@ class TalkSession:
             self.gate.generation += 1
             heard = self.io.flush()
         self.conversation.cancel(heard)
+        # The reply has often finished generating by now (the engine is faster than real
+        # time): then only this cuts the history to what was heard. Queued before the
+        # interrupting speech is fed, as truncate requires; after a cancel it changes nothing.
+        self.worker.commands.put(("truncate", heard))
         onset = self.history.total - run * VAD_WINDOW_SAMPLES
         self.barge_onset = int(onset)
         self.interrupted_time = time.monotonic()

@@ -135,7 +135,7 @@ class StreamingConversation:
         self.talker.reset()
         self.listener.reset()
         self.turns: list[_Turn] = []
-        self._closed: tuple[_ReplyState, int] | None = None  # last reply, samples it played
+        self._closed: tuple[_ReplyState, int] | None = None  # last reply, frames it played
         self.turn_index = 0
         self._open_audio: list[torch.Tensor] = []
         self._turn_open = False
@@ -178,17 +178,17 @@ class StreamingConversation:
         has ended (finished or cancelled): the history keeps the text of the frames heard, by
         the rule `cancel` uses. For a player that learns what was heard after the fact, or a
         barge-in after the reply finished generating (the engine is faster than real time).
-        Allowed until the next user turn starts (its first `feed`); on the worker thread. A
-        reply heard whole, or already cut shorter, stays as it is. Returns its text as kept."""
+        Allowed until the next user turn starts (its first `feed`; after that, even if the turn
+        is discarded, nothing is cut); on the worker thread. A reply heard whole (every frame),
+        or already cut shorter, stays as it is. Returns the reply's text as kept."""
         if self._turn_open:
             raise RuntimeError("truncate() after the next user turn started")
-        if self._closed is None:
+        if not self.turns:
             return ""
-        reply, played = self._closed
         kept = self.turns[-1].reply_ids
-        if heard_samples < played:
-            heard_frames = -(-max(0, int(heard_samples)) // self.vocoder.samples_per_frame)
-            spoken = reply.spoken(heard_frames)
+        heard_frames = -(-max(0, int(heard_samples)) // self.vocoder.samples_per_frame)
+        if self._closed is not None and heard_frames < self._closed[1]:
+            spoken = self._closed[0].spoken(heard_frames)
             if len(spoken) < len(kept):
                 with self._working():
                     self._close_reply(spoken)
@@ -355,7 +355,9 @@ class StreamingConversation:
                 token = self.thinker_sampler(self.thinker.step(reply.tokens[-1]))
             token_id = _OnHost(token)
         with clock.timed("talker"):
-            text = self._text_at(reply, index) if token is None else self._text_of_new_token(
+            # Every token before this frame's has been read (the loop takes each before it
+            # launches the next frame), so without a new token the text has ended: padding.
+            text = self.tts_pad[0] if token is None else self._text_of_new_token(
                 token, last=len(reply.ids) + 1 >= reply.limit)
             codes, codec_sum = self.talker.step_frame(previous.codec_sum + text,
                                                       self.talker_sampler, self.predictor_sampler)
@@ -364,7 +366,7 @@ class StreamingConversation:
     def _finish(self, turn, reply, clock, audio: "_AudioOut") -> Iterator[Event]:
         kept = reply.text_ids()
         self._close_reply(kept)
-        self._closed = reply, audio.samples
+        self._closed = reply, audio.frames
         clock.summary(len(reply.ids), audio.frames, self._listen_seconds)
         yield StageTimings(turn, clock.stages)
         yield TurnFinished(turn, self._decode(kept), tuple(kept), audio.samples,
@@ -374,7 +376,7 @@ class StreamingConversation:
         heard_frames = -(-self._heard_samples // self.vocoder.samples_per_frame)
         kept = reply.spoken(heard_frames)
         self._close_reply(kept)
-        self._closed = reply, self._heard_samples
+        self._closed = reply, heard_frames
         self._cancel.clear()
         yield Interrupted(turn, self._heard_samples, self._decode(kept))
 
@@ -409,14 +411,6 @@ class StreamingConversation:
         codec = self.talker.codec_embed(torch.tensor(specials, device=self.device))
         codec = torch.cat([codec.new_zeros(3, codec.shape[1]), codec])
         return text + codec
-
-    def _text_at(self, reply: "_ReplyState", index: int) -> torch.Tensor:
-        """Text added to the talker's input for frame `index` of a reply whose tokens up to
-        `index` are known: reply token `index` while the talker is given tokens, then tts_eos,
-        then tts_pad. (d,)"""
-        if index < reply.fed:
-            return self._project_token(reply.tokens[index])
-        return self.tts_eos[0] if index == reply.fed else self.tts_pad[0]
 
     def _text_of_new_token(self, token: torch.Tensor, last: bool) -> torch.Tensor:
         """Text for the frame launched with a token just sampled (0-d, on the device): its

@@ -23,8 +23,6 @@ from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, T
 from .listener import thinker_audio_tower
 from .prompt import MEL_FRAMES_PER_CHUNK, ChatTokens, audio_token_count
 
-SAMPLES_PER_FRAME = 1920  # reply audio per codec frame (24 kHz, 80 ms)
-
 
 @dataclass
 class ReferenceReply:
@@ -138,11 +136,12 @@ class StockConversation:
     def reset(self) -> None:
         self._features: list[torch.Tensor] = []
         self._replies: list[list[int]] = []
-        self._last_reply = (0, 0)  # samples of the last reply, tokens its talker was given
+        self._last_reply = (0, 0)  # frames of the last reply, tokens its talker was given
         self._audio: list[np.ndarray] = []
         self.turn_index = 0
 
     def feed(self, samples: np.ndarray) -> None:
+        self._last_reply = (0, 0)  # a new turn: the last reply can no longer be cut
         self._audio.append(np.asarray(samples, dtype=np.float32).reshape(-1))
 
     def discard_turn(self) -> None:
@@ -160,15 +159,15 @@ class StockConversation:
         if not self._replies:
             return ""
         played, fed = self._last_reply
-        if heard_samples < played:
-            frames = -(-max(0, int(heard_samples)) // SAMPLES_PER_FRAME)
-            self._replies[-1] = self._replies[-1][:min(frames, fed)]
+        heard = -(-max(0, int(heard_samples)) // int(self.bundle.model.code2wav.total_upsample))
+        if heard < played:
+            self._replies[-1] = self._replies[-1][:min(heard, fed)]
         return self.bundle.tokenizer.decode(self._replies[-1], skip_special_tokens=True)
 
     def end_turn(self) -> Iterator[Event]:
         started = time.perf_counter()
         audio = np.concatenate(self._audio) if self._audio else np.zeros(0, np.float32)
-        self._audio = []
+        self._audio, self._last_reply = [], (0, 0)
         features, frames = offline_mel(audio)
         turn, self.turn_index = self.turn_index, self.turn_index + 1
         yield TurnStarted(turn, frames / 100)
@@ -190,7 +189,8 @@ class StockConversation:
             wave = result.waveform.cpu().numpy()
             samples = wave.shape[0]
             yield AudioPacket(turn, wave, 0, int(result.codes.shape[1]) if result.codes is not None else 0)
-        self._last_reply = samples, len(result.reply_ids) - 1  # generate() never feeds its last
+        frames = int(result.codes.shape[1]) if result.codes is not None else 0
+        self._last_reply = frames, len(result.reply_ids) - 1  # generate() never feeds its last
         yield StageTimings(turn, {"first_packet": elapsed_ms, "total": elapsed_ms,
                                   "reply_tokens": len(result.reply_ids)})
         ended = "eos" if result.reply_ids and result.reply_ids[-1] == eos else "max_tokens"

@@ -10,8 +10,10 @@ decided by rounding, which takes both of
 
 - the step's inputs agree to `INPUTS_AGREE` (the state the head reads, recovered from the
   engine's and generate()'s logits: the head is the same linear map on both sides, with far more
-  rows than columns, so its least-squares inverse gives the input difference exactly), and
-- generate()'s own top-2 margin there is under `TIE_MARGIN`;
+  rows than columns, so its least-squares inverse gives the input difference exactly; what it
+  leaves unexplained must be under `TIE_MARGIN`, too small to flip a choice by itself), and
+- generate()'s own margin between its choice and the engine's (its top-2 margin, when the
+  engine took its runner-up) is under `TIE_MARGIN`;
 
 then generate()'s choice is forced into the engine and the comparison goes on. Anything else
 fails, naming the step and both figures. Inside a CUDA graph the samplers are not called from
@@ -134,16 +136,21 @@ class _Stand:
         if int(choice) == wanted:
             return choice
         ref_logits = ref_logits.to(logits.device)
-        top = self.sampler._penalized(ref_logits, kwargs.get("seen")).topk(2).values
-        margin = float(top[0] - top[1])
+        scores = self.sampler._penalized(ref_logits, kwargs.get("seen"))
+        margin = float(scores[wanted] - scores[int(choice)])  # the runner-up's: the top-2 margin
         weight = self.head_of(step).detach().float().cpu()  # (vocab, d)
         apart = (logits.float() - ref_logits).cpu()[:, None]  # (vocab, 1)
-        inputs_apart = float(torch.linalg.lstsq(weight, apart).solution.abs().max())
+        state = torch.linalg.lstsq(weight, apart).solution  # (d, 1)
+        inputs_apart = float(state.abs().max())
+        # What the state cannot explain (a bias, another logits processor) must not be able to
+        # flip a choice on its own: no larger than a tie.
+        unexplained = float((apart - weight @ state).abs().max())
         where = f"{self.stage} step {step} ({self.describe(step)})"
-        assert inputs_apart < INPUTS_AGREE and margin < TIE_MARGIN, (
-            f"{where}: the engine chose {int(choice)}, generate() {wanted}; generate()'s top-2 "
-            f"margin {margin:.2e} (a tie needs < {TIE_MARGIN:.0e}), the step's inputs "
-            f"{inputs_apart:.2e} apart (a tie needs < {INPUTS_AGREE:.0e})")
+        assert inputs_apart < INPUTS_AGREE and margin < TIE_MARGIN and unexplained < TIE_MARGIN, (
+            f"{where}: the engine chose {int(choice)}, generate() {wanted}; generate()'s margin "
+            f"between them {margin:.2e} (a tie needs < {TIE_MARGIN:.0e}), the step's inputs "
+            f"{inputs_apart:.2e} apart (a tie needs < {INPUTS_AGREE:.0e}), logits "
+            f"{unexplained:.2e} apart beyond what the inputs explain (needs < {TIE_MARGIN:.0e})")
         self.judge.forced.append(Forced(self.stage, step, int(choice), wanted, margin, inputs_apart))
         return torch.tensor(wanted, device=choice.device)
 

@@ -79,6 +79,11 @@ def test_barge_in_stops_playback_and_starts_new_turn(vaudio, tmp_path):
     cancels = conversation.called("cancel")
     assert len(cancels) >= 1
     barge = result.events("barge_in")[0]
+    # ...and the history is cut to what was heard even if the reply had finished generating:
+    # truncate, with the same heard samples, before any audio of the interrupting turn is fed.
+    truncates = conversation.called("truncate")
+    assert [a for _, a in truncates][:1] == [barge["heard_samples"]]
+    assert not [t for t, _ in conversation.called("feed") if cancels[0][0] < t < truncates[0][0]]
     first_play = result.events("reply_latency")[0]["t"]
     heard_s = barge["heard_samples"] / 24_000
     assert abs(heard_s - (barge["t"] - first_play)) < 0.2, "heard_samples is not what was played"
