@@ -34,7 +34,6 @@ from rich.table import Table
 from duplex_chat.audio.constants import (
     OUTPUT_SAMPLE_RATE,
     SAMPLE_RATE,
-    VAD_WINDOW_MS,
     VAD_WINDOW_SAMPLES,
     ms_to_samples,
 )

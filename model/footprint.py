@@ -22,6 +22,8 @@ from typing import Any, Mapping
 
 from duplex_chat.audio.constants import FRAME_HZ
 
+from .checkpoint import CONFIG_FILE, inspect_checkpoint, missing_weights
+
 PARTS = ("thinker", "audio_encoder", "vision", "talker", "code_predictor", "code2wav")
 VOICE_PARTS = tuple(p for p in PARTS if p != "vision")  # what `talk` puts on the GPU
 
@@ -37,10 +39,6 @@ FAST_PAD_ROWS = 64  # rows past capacity that model/fast.py's padded prefills ma
 ACTIVATION_WORKSPACE_BYTES = 2 * 1024**3  # prefill activations, MoE buffers, cuBLAS workspace,
 #                                           allocator fragmentation, code2wav and encoder activations
 
-MODEL_TYPE = "qwen3_omni_moe"
-CONFIG_FILE = "config.json"
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -316,40 +314,13 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _missing_weights(directory: Path) -> tuple[str, ...]:
-    """Weight files an index names but the directory lacks; ("weights",) when there are none."""
-    index = directory / SAFETENSORS_INDEX
-    if index.is_file():
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        return tuple(sorted(s for s in shards if not (directory / s).is_file()))
-    has_weights = any(f.suffix in WEIGHT_SUFFIXES for f in directory.iterdir() if f.is_file())
-    return () if has_weights else ("weights",)
-
-
-def _model_type(directory: Path) -> str | None:
-    try:
-        return json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8")).get("model_type")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return "unreadable config.json"
-
-
 def _local_status(model_id: str) -> CacheStatus:
     path = Path(model_id).expanduser()
     if not path.is_dir():
         return CacheStatus(model_id, "local", False, None, 0, f"{path} is not a directory.")
-    if not (path / CONFIG_FILE).is_file():
-        return CacheStatus(model_id, "local", False, path, _dir_size(path),
-                           f"{path} has no {CONFIG_FILE}: not a model checkpoint.", (CONFIG_FILE,))
-    size = _dir_size(path)
-    model_type = _model_type(path)
-    if model_type != MODEL_TYPE:
-        return CacheStatus(model_id, "local", False, path, size,
-                           f"{path} holds a {model_type!r} model, not Qwen3-Omni ({MODEL_TYPE}).")
-    missing = _missing_weights(path)
-    if missing:
-        return CacheStatus(model_id, "local", False, path, size,
-                           f"{path} lacks weight files: {', '.join(missing[:3])}.", missing)
-    return CacheStatus(model_id, "local", True, path, size, "config and weights present")
+    found = inspect_checkpoint(path)
+    return CacheStatus(model_id, "local", found.problem is None, path, _dir_size(path),
+                       found.problem or "config and weights present", found.missing)
 
 
 def hub_cache_status(model_id: str, cache_dir: str | Path | None = None) -> CacheStatus:
@@ -373,7 +344,7 @@ def hub_cache_status(model_id: str, cache_dir: str | Path | None = None) -> Cach
     if not (snapshot / CONFIG_FILE).is_file():
         return CacheStatus(model_id, "hub", False, snapshot, size,
                            f"{model_id} is only partly cached (no {CONFIG_FILE}).", (CONFIG_FILE,))
-    missing = _missing_weights(snapshot)
+    missing = missing_weights(snapshot)
     if missing:
         return CacheStatus(model_id, "hub", False, snapshot, size,
                            f"{model_id} is only partly cached: {len(missing)} weight file(s) "

@@ -6,7 +6,6 @@ no cached copy, no CUDA, not enough GPU memory) becomes a `DuplexError` with wha
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ import torch
 
 from duplex_chat.config import DuplexError, QwenSettings
 
+from .checkpoint import inspect_checkpoint
 from .footprint import cache_for, gpu_bytes, looks_like_path
 from .footprint import resolve_dtype as footprint_dtype
 
-MODEL_TYPE = "qwen3_omni_moe"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 GIB = 1024**3
 
@@ -63,22 +62,12 @@ def resolve_checkpoint(model_id: str, progress: Progress | None = None) -> Path:
 
 
 def check_checkpoint_dir(path: Path) -> dict:
-    """Raise unless `path` holds a Qwen3-Omni config; returns the config as a dict."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise DuplexError(f"{path} is not a Qwen3-Omni checkpoint: it has no config.json.")
-    try:
-        config = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DuplexError(f"{config_file} is not valid JSON.") from None
-    if config.get("model_type") != MODEL_TYPE:
-        raise DuplexError(
-            f"{path} is not a Qwen3-Omni checkpoint: its model_type is "
-            f"{config.get('model_type')!r}, expected {MODEL_TYPE!r}."
-        )
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise DuplexError(f"{path} has a Qwen3-Omni config but no weight files (*.safetensors).")
-    return config
+    """Raise unless `path` is a loadable Qwen3-Omni checkpoint (the rule `check` uses too);
+    returns its config as a dict."""
+    found = inspect_checkpoint(path)
+    if found.problem is not None:
+        raise DuplexError(found.problem)
+    return found.config
 
 
 def _from_hub(model_id: str, progress: Progress | None) -> Path:

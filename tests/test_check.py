@@ -16,6 +16,7 @@ from duplex_chat.cli import check
 from duplex_chat.cli.app import app
 from duplex_chat.config import load_settings
 from duplex_chat.model import footprint
+from duplex_chat.model.checkpoint import SAFETENSORS_INDEX
 from duplex_chat.model.reference_config import release_config_dict
 from duplex_chat.model.tiny import build_tiny_model, tiny_config_dict
 
@@ -103,7 +104,7 @@ def _fake_hub_repo(cache, model_id, shards, present):
     (repo / "blobs" / "blob1").write_bytes(b"x" * 1000)
     (snapshot / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe"}))
     index = {"weight_map": {f"w{i}": s for i, s in enumerate(shards)}}
-    (snapshot / footprint.SAFETENSORS_INDEX).write_text(json.dumps(index))
+    (snapshot / SAFETENSORS_INDEX).write_text(json.dumps(index))
     for shard in present:
         (snapshot / shard).write_bytes(b"")
 
@@ -225,3 +226,33 @@ def test_bad_config_value_is_one_clean_line():
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "qwen.torch_dtype" in lines[0] and "float8" in lines[0]
+
+
+@pytest.mark.parametrize("breakage", ["no config", "not json", "other model", "no weights",
+                                      "a shard missing"])
+def test_check_and_loading_judge_a_directory_by_one_rule(tmp_path, breakage):
+    """`check` never calls ready what loading refuses: both say the same sentence."""
+    from duplex_chat.config import DuplexError
+    from duplex_chat.model.loading import resolve_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3_omni_moe"}))
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    (tmp_path / SAFETENSORS_INDEX).write_text(json.dumps({"weight_map": dict(zip("ab", shards))}))
+    for shard in shards:
+        (tmp_path / shard).write_bytes(b"")
+    if breakage == "no config":
+        (tmp_path / "config.json").unlink()
+    elif breakage == "not json":
+        (tmp_path / "config.json").write_text("{")
+    elif breakage == "other model":
+        (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    elif breakage == "no weights":
+        for shard in shards:
+            (tmp_path / shard).unlink()
+        (tmp_path / SAFETENSORS_INDEX).unlink()
+    else:
+        (tmp_path / shards[1]).unlink()
+    status = footprint.hub_cache_status(str(tmp_path))
+    with pytest.raises(DuplexError) as refused:
+        resolve_checkpoint(str(tmp_path))
+    assert not status.present and status.detail == str(refused.value)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from duplex_chat.config import DuplexError
-from duplex_chat.model import loading
 from duplex_chat.model.loading import load_model, resolve_dtype
 from duplex_chat.model.tiny import SPECIAL_TOKENS
 
