@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
 from duplex_chat.config import Settings
 
 from .events import AudioPacket, StageTimings, TextDelta
 from .loading import ModelBundle
 
-RATE = 16_000
-OUTPUT_RATE = 24_000
 GIB = 1024**3
 
 # What the issue asks for (H100 80GB, bf16): metric -> (target, lower is better).
@@ -40,9 +39,9 @@ TARGETS = {
 def synthetic_voice(seconds: float, seed: int) -> np.ndarray:
     """Speech-like audio (gliding harmonics with a syllable envelope, a little noise), (n,) 16 kHz."""
     rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * RATE)) / RATE
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     f0 = 120 + 60 * np.sin(2 * np.pi * 0.7 * t + seed)
-    voice = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / RATE) / k for k in range(1, 6))
+    voice = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / SAMPLE_RATE) / k for k in range(1, 6))
     envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 3 * t) ** 2
     return (0.2 * voice * envelope + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
 
@@ -106,7 +105,8 @@ def run_turn(conversation, audio: np.ndarray, chunk: int) -> TurnResult:
     _sync(device)
     wall = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else 0.0
-    return TurnResult(stages, audio.shape[0] / RATE, samples / OUTPUT_RATE, wall, peak, tokens)
+    return TurnResult(stages, audio.shape[0] / SAMPLE_RATE, samples / OUTPUT_SAMPLE_RATE, wall, peak,
+                      tokens)
 
 
 def _sync(device) -> None:

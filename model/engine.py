@@ -41,8 +41,6 @@ from .sampling import Sampler, SamplingSettings
 from .streams import TalkerStream, ThinkerStream
 from .vocoder import StreamingVocoder
 
-SAMPLE_RATE = 16_000  # Hz, user audio
-OUTPUT_SAMPLE_RATE = 24_000  # Hz, reply audio
 GRAPH_WARM_UP_POSITIONS = 4096  # decode graphs captured at start cover conversations this long
 PREDICTOR_TOP_K, PREDICTOR_TOP_P = 50, 0.8  # what generate() gives the code predictor when sampling
 

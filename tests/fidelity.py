@@ -36,7 +36,6 @@ from duplex_chat.model.reference import ReferenceReply, reference_reply
 INPUTS_AGREE = 1e-6  # max abs difference of the head's input state (float32, CPU)
 TIE_MARGIN = 1e-5  # generate()'s best minus its second-best score
 WAVE_TOLERANCE = 1e-4  # streamed waveform vs generate()'s one-piece code2wav (float32)
-RATE = 16_000
 
 
 def user_audio(seconds: float, seed: int) -> np.ndarray:
