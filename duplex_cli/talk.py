@@ -216,8 +216,6 @@ class Worker(threading.Thread):
                     return
                 if command == "feed":
                     self.conversation.feed(arg)
-                elif command == "discard":
-                    self.conversation.discard_turn()
                 elif command == "truncate":
                     self.conversation.truncate(arg)
                 elif command == "end_turn":
@@ -311,7 +309,6 @@ class TalkSession:
         self.turn_start: int | None = None  # absolute start of the open user turn (with pre-roll)
         self.fed_upto = 0
         self.reply: ReplyProgress | None = None
-        self.ignoring_speech = False  # speech heard during a reply with barge-in off
         self.barge_onset: int | None = None  # fast-path onset of the speech that interrupted
         self.interrupted_time = 0.0
 
@@ -414,7 +411,6 @@ class TalkSession:
         self.note("speech_started", onset_sample=event.sample_index,
                   audio_start=event.audio_start_index)
         if self.reply is not None:  # barge-in is off (or did not fire): not a turn
-            self.ignoring_speech = True
             return
         start = event.audio_start_index
         if self.barge_onset is not None:  # keep the speech that interrupted, even a short first word
@@ -428,7 +424,6 @@ class TalkSession:
     def _speech_ended(self, event: Any) -> None:
         self.note("speech_ended", end_sample=event.sample_index)
         if self.turn_start is None:
-            self.ignoring_speech = False
             return
         duration = (event.sample_index - self.turn_start) / SAMPLE_RATE
         in_latency = self.io.latency_s[0]
