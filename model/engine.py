@@ -366,7 +366,7 @@ class StreamingConversation:
         self._close_reply(kept)
         self._closed = reply, audio.frames
         clock.summary(len(reply.ids), audio.frames, self._listen_seconds)
-        yield StageTimings(turn, clock.stages)
+        yield StageTimings(turn, **clock.stages)
         yield TurnFinished(turn, self._decode(kept), tuple(kept), audio.samples,
                            "eos" if reply.ended_by_eos else "max_tokens")
 

@@ -6,7 +6,7 @@ Interruption is an event like any other. Audio is float32 mono at `OUTPUT_SAMPLE
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -44,17 +44,36 @@ class AudioPacket:
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Per-stage timings of one reply, in milliseconds.
+    """Per-stage timings of one reply. None: not measured (a reply without audio has no
+    `first_frame`; `generate()` has only `first_packet`, `total` and `reply_tokens`).
 
-    Keys used by the engine: `encode_tail`, `prefill`, `first_token`, `first_frame`,
-    `first_packet` (end of turn -> first packet ready; wall clock, taken once the host has
-    what it marks), `thinker_ms_per_token`, `talker_ms_per_frame`, `vocoder_ms_per_frame` (each stage's span
-    between CUDA events around its work on the GPU's stream, wall clock on the CPU),
-    `listen_ms` (time spent prefilling while listening, wall clock after a device sync).
+    Marks, in ms of wall clock from the end of the user's turn, each taken once the host has
+    what it marks: `encode_tail`, `prefill`, `first_token`, `first_frame`, `first_packet` (the
+    first packet ready), `total`. Costs: `thinker_ms_per_token`, `talker_ms_per_frame`,
+    `vocoder_ms_per_frame` (each stage's span between CUDA events around its work on the GPU's
+    stream; wall clock on the CPU), `listen_ms` (time spent prefilling while listening, wall
+    clock after a device sync). Counts: `reply_tokens`, `reply_frames`.
     """
 
     turn: int
-    stages: dict[str, float] = field(default_factory=dict)
+    encode_tail: float | None = None
+    prefill: float | None = None
+    first_token: float | None = None
+    first_frame: float | None = None
+    first_packet: float | None = None
+    total: float | None = None
+    thinker_ms_per_token: float | None = None
+    talker_ms_per_frame: float | None = None
+    vocoder_ms_per_frame: float | None = None
+    listen_ms: float | None = None
+    reply_tokens: int | None = None
+    reply_frames: int | None = None
+
+    @property
+    def stages(self) -> dict[str, float]:
+        """What was measured, by field name, in field order (for JSON, logs and views)."""
+        values = ((f.name, getattr(self, f.name)) for f in fields(self) if f.name != "turn")
+        return {name: value for name, value in values if value is not None}
 
 
 @dataclass(frozen=True)

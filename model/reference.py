@@ -191,7 +191,7 @@ class StockConversation:
             yield AudioPacket(turn, wave, 0, int(result.codes.shape[1]) if result.codes is not None else 0)
         frames = int(result.codes.shape[1]) if result.codes is not None else 0
         self._last_reply = frames, len(result.reply_ids) - 1  # generate() never feeds its last
-        yield StageTimings(turn, {"first_packet": elapsed_ms, "total": elapsed_ms,
-                                  "reply_tokens": len(result.reply_ids)})
+        yield StageTimings(turn, first_packet=elapsed_ms, total=elapsed_ms,
+                           reply_tokens=len(result.reply_ids))
         ended = "eos" if result.reply_ids and result.reply_ids[-1] == eos else "max_tokens"
         yield TurnFinished(turn, text, tuple(ids), samples, ended)

@@ -83,7 +83,7 @@ class ScriptedConversation:
         reply = self.replies[min(turn, len(self.replies) - 1)]
         yield TurnStarted(turn, fed / 16_000)
         time.sleep(self.first_packet_s)
-        yield StageTimings(turn, {"first_packet": self.first_packet_s * 1000.0, "prefill": 5.0})
+        yield StageTimings(turn, first_packet=self.first_packet_s * 1000.0, prefill=5.0)
         yield from self._stream(turn, reply)
 
     def _stream(self, turn: int, reply: Reply) -> Iterator[Event]:
