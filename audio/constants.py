@@ -34,6 +34,11 @@ def samples_to_seconds(n_samples: int, rate: int = SAMPLE_RATE) -> float:
     return n_samples / rate
 
 
+def frames_to_samples(frames: int) -> int:
+    """Samples at 16 kHz in `frames` codec frames (80 ms each): 4 frames, 320 ms, are 5120."""
+    return frames * SAMPLES_PER_FRAME_IN
+
+
 def ms_to_samples(ms: float, rate: int = SAMPLE_RATE) -> int:
     """Number of samples at `rate` Hz in `ms` milliseconds (rounded to the nearest sample)."""
     return int(round(ms * rate / 1000.0))

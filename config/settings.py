@@ -30,24 +30,22 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict:
     return {"range": (lo, hi)}
 
 
+# Keys of the earlier web version's [audio] section whose values the model fixes (the rates and
+# sizes `duplex_chat.audio.constants` holds; tests/test_config.py checks that they agree). Its
+# users' config files and SCA_AUDIO_* variables may still set them: the one value the model
+# allows is accepted and changes nothing, any other is refused. They are not settings.
+FIXED_AUDIO_KEYS = {"sample_rate": 16000, "output_sample_rate": 24000, "frame_hz": 12.5,
+                    "channels": 1, "sample_width_bytes": 2}
+
+
 @dataclass(frozen=True)
 class AudioSettings:
-    sample_rate: int = field(metadata=_choices(16000))  # type: ignore[arg-type]
-    output_sample_rate: int = field(metadata=_choices(24000))  # type: ignore[arg-type]
-    frame_hz: float = field(metadata=_choices(12.5))  # type: ignore[arg-type]
     frames_per_chunk: int = field(metadata=_range(1, 50))
-    channels: int = field(metadata=_choices(1))  # type: ignore[arg-type]
-    sample_width_bytes: int = field(metadata=_choices(2))  # type: ignore[arg-type]
     input_device: str = field(metadata={})
     output_device: str = field(metadata={})
     echo_cancellation: bool = field(metadata={})
     barge_in: bool = field(metadata={})
     stream_latency_ms: float = field(metadata=_range(5.0, 500.0))
-
-    @property
-    def chunk_samples(self) -> int:
-        """Samples at `sample_rate` in one chunk of `frames_per_chunk` codec frames."""
-        return int(round(self.sample_rate * self.frames_per_chunk / self.frame_hz))
 
 
 @dataclass(frozen=True)
@@ -141,7 +139,7 @@ def load_settings(
         _merge(raw, _read_toml(Path(config_file)), f"config file {config_file}", strict=True)
     _merge_env(raw, os.environ if environ is None else environ)
     for dotted, value in (overrides or {}).items():
-        if value is None:
+        if value is None or _fixed_key(dotted, value, "command line"):
             continue
         _check_key(dotted, "command line")
         flag = (flag_names or {}).get(dotted) or _flag_name(dotted)
@@ -160,6 +158,19 @@ def _read_toml(path: Path) -> dict:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise DuplexError(f"Config file {path} is not valid TOML: {exc}.") from None
+
+
+def _fixed_key(dotted: str, value: Any, origin: str) -> bool:
+    """True for a key of `FIXED_AUDIO_KEYS` holding its one value (to be skipped); raises for
+    one holding another value; False for every other key."""
+    section, _, key = dotted.partition(".")
+    if section != "audio" or key not in FIXED_AUDIO_KEYS:
+        return False
+    fixed = FIXED_AUDIO_KEYS[key]
+    if _coerce(value, type(fixed)) != fixed:
+        raise DuplexError(f"Config key {dotted} = {value!r} (from {origin}) cannot be changed: "
+                          f"the model fixes it at {fixed}.")
+    return True
 
 
 def _check_key(dotted: str, origin: str, value: Any = None) -> None:
@@ -184,6 +195,8 @@ def _merge(raw: dict, table: dict, origin: str, strict: bool) -> None:
             raise DuplexError(f"{origin}: '{section}' must be a [section], not a plain value.")
         for key, value in values.items():
             dotted = f"{section}.{key}"
+            if _fixed_key(dotted, value, origin):
+                continue
             if strict:
                 _check_key(dotted, origin, value)
             raw[dotted] = (value, origin)
@@ -197,6 +210,8 @@ def _merge_env(raw: dict, environ: Mapping[str, str]) -> None:
         if section not in SECTIONS:
             continue  # SCA_ variables of other tools are not ours to judge
         dotted = f"{section}.{key}"
+        if _fixed_key(dotted, value, f"environment {name}"):
+            continue
         _check_key(dotted, f"environment {name}", value)
         raw[dotted] = (value, f"environment {name}")
 

@@ -12,6 +12,7 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
 from duplex_chat.config import DuplexError, Settings
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -207,8 +208,8 @@ def check_audio(settings: Settings) -> list[Row]:
     if not found:
         return rows
     a = settings.audio
-    rows.append(_device_row(devices, found, a.input_device, "input", a.sample_rate))
-    rows.append(_device_row(devices, found, a.output_device, "output", a.output_sample_rate))
+    rows.append(_device_row(devices, found, a.input_device, "input", SAMPLE_RATE))
+    rows.append(_device_row(devices, found, a.output_device, "output", OUTPUT_SAMPLE_RATE))
     return rows
 
 

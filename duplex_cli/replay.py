@@ -22,7 +22,7 @@ from typing import Callable
 import numpy as np
 from rich.console import Console
 
-from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, frames_to_samples
 from duplex_chat.audio.files import audio_info, iter_audio_blocks
 from duplex_chat.audio.resample import StreamResampler
 from duplex_chat.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
@@ -294,7 +294,7 @@ def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: b
     timeline = ReplyTimeline(out)
     session = ReplaySession(settings, open_conversation, printer, timeline)
     started = time.perf_counter()
-    chunk = settings.audio.chunk_samples
+    chunk = frames_to_samples(settings.audio.frames_per_chunk)
     try:
         with _progress(err, info.duration_s, enabled=err.is_terminal) as advance:
             for block in iter_audio_blocks(file, block_s=BLOCK_S):

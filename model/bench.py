@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, frames_to_samples
 from duplex_chat.config import Settings
 
 from .events import AudioPacket, StageTimings, TextDelta
@@ -150,7 +150,8 @@ def engine_benchmark(bundle: ModelBundle, settings: Settings, turns: int, warmup
     for i in range(warmup + turns):
         if i == warmup and bundle.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(bundle.device)
-        result = run_turn(conversation, synthetic_voice(user_s, seed=i), settings.audio.chunk_samples)
+        chunk = frames_to_samples(settings.audio.frames_per_chunk)
+        result = run_turn(conversation, synthetic_voice(user_s, seed=i), chunk)
         if i >= warmup:
             results.append(result)
     return summarize(results), results
@@ -161,7 +162,7 @@ def stock_benchmark(bundle: ModelBundle, settings: Settings, user_s: float) -> d
     from .reference import StockConversation
 
     result = run_turn(StockConversation(bundle, settings.qwen), synthetic_voice(user_s, seed=99),
-                      settings.audio.chunk_samples)
+                      frames_to_samples(settings.audio.frames_per_chunk))
     tokens = max(1, len(result.tokens))
     return {
         "first_packet_ms": result.wall_s * 1000,
@@ -202,7 +203,7 @@ def verify(bundle: ModelBundle, settings: Settings, user_s: float) -> dict:
     for decoder in ("eager", "fast"):
         s = settings.replace("qwen", decoder=decoder, greedy=True)
         conversation = StreamingConversation(bundle, s, seed=0)
-        result = run_turn(conversation, synthetic_voice(user_s, seed=7), s.audio.chunk_samples)
+        result = run_turn(conversation, synthetic_voice(user_s, seed=7), frames_to_samples(s.audio.frames_per_chunk))
         outputs[decoder] = (result.tokens, conversation.last_codes.cpu())
     (tok_e, codes_e), (tok_f, codes_f) = outputs["eager"], outputs["fast"]
     token_match = _common_prefix(tok_e, tok_f)

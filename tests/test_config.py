@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from duplex_chat.audio.constants import (
+    FRAME_HZ,
+    OUTPUT_SAMPLE_RATE,
+    SAMPLE_RATE,
+    frames_to_samples,
+)
 from duplex_chat.config import DuplexError, default_config_text, load_settings
+from duplex_chat.config.settings import FIXED_AUDIO_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_ITEMS = ("pyproject.toml", "README.md", "audio", "config", "duplex_cli", "model")
@@ -41,7 +48,7 @@ def test_defaults_come_from_the_packaged_file():
     s = load_settings(environ={})
     packaged = tomllib.loads(default_config_text())
     assert s.as_dict() == packaged
-    assert s.audio.chunk_samples == 5120  # 320 ms at 16 kHz
+    assert s.audio.frames_per_chunk == 4 and frames_to_samples(4) == 5120  # 320 ms at 16 kHz
     assert s.sources["qwen.torch_dtype"] == "default"
 
 
@@ -246,3 +253,21 @@ def test_wheel_reads_default_toml_through_importlib_resources(built_wheel, tmp_p
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["Qwen/Qwen3-Omni-30B-A3B-Instruct",
                                              "[None, None, None]"]
+
+
+def test_the_web_versions_fixed_audio_keys_are_accepted_with_their_one_value(tmp_path):
+    """Old config files and SCA_AUDIO_* variables may still name the rates and sizes the model
+    fixes: with the one allowed value they change nothing, with another they stop the command
+    with one sentence. The allowed values are the ones audio/constants.py holds."""
+    assert FIXED_AUDIO_KEYS == {"sample_rate": SAMPLE_RATE, "output_sample_rate": OUTPUT_SAMPLE_RATE,
+                                "frame_hz": FRAME_HZ, "channels": 1, "sample_width_bytes": 2}
+    old = tmp_path / "web.toml"
+    old.write_text("[audio]\nsample_rate = 16000\noutput_sample_rate = 24000\nframe_hz = 12.5\n"
+                   "frames_per_chunk = 2\nchannels = 1\nsample_width_bytes = 2\n")
+    settings = load_settings(config_file=old, environ={"SCA_AUDIO_SAMPLE_RATE": "16000"})
+    assert settings.audio.frames_per_chunk == 2
+    assert not hasattr(settings.audio, "sample_rate")
+    message = error_of(environ={"SCA_AUDIO_SAMPLE_RATE": "48000"})
+    assert "audio.sample_rate" in message and "fixes it at 16000" in message
+    old.write_text("[audio]\nchannels = 2\n")
+    assert "audio.channels = 2" in error_of(config_file=old)
