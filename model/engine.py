@@ -72,6 +72,12 @@ def stage_samplers(q: QwenSettings, talker_config, device: torch.device,
     )
 
 
+def frames_heard(heard_samples: int, samples_per_frame: int) -> int:
+    """Codec frames of which at least a sample was heard: the frames whose text counts as
+    heard when a reply is cut (`cancel`, `truncate`)."""
+    return -(-max(0, int(heard_samples)) // samples_per_frame)
+
+
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so host clocks measure it."""
     if device.type == "cuda":
@@ -184,7 +190,7 @@ class StreamingConversation:
         if not self.turns:
             return ""
         kept = self.turns[-1].reply_ids
-        heard_frames = -(-max(0, int(heard_samples)) // self.vocoder.samples_per_frame)
+        heard_frames = frames_heard(heard_samples, self.vocoder.samples_per_frame)
         if self._closed is not None and heard_frames < self._closed[1]:
             spoken = self._closed[0].spoken(heard_frames)
             if len(spoken) < len(kept):
@@ -371,7 +377,7 @@ class StreamingConversation:
                            "eos" if reply.ended_by_eos else "max_tokens")
 
     def _interrupt(self, turn: int, reply: "_ReplyState") -> Iterator[Event]:
-        heard_frames = -(-self._heard_samples // self.vocoder.samples_per_frame)
+        heard_frames = frames_heard(self._heard_samples, self.vocoder.samples_per_frame)
         kept = reply.spoken(heard_frames)
         self._close_reply(kept)
         self._closed = reply, heard_frames

@@ -18,7 +18,7 @@ import torch
 from duplex_chat.audio.features import offline_mel
 from duplex_chat.config import QwenSettings
 
-from .engine import sync
+from .engine import frames_heard, sync
 from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, TurnStarted
 from .listener import thinker_audio_tower
 from .prompt import MEL_FRAMES_PER_CHUNK, ChatTokens, audio_token_count
@@ -159,7 +159,7 @@ class StockConversation:
         if not self._replies:
             return ""
         played, fed = self._last_reply
-        heard = -(-max(0, int(heard_samples)) // int(self.bundle.model.code2wav.total_upsample))
+        heard = frames_heard(heard_samples, int(self.bundle.model.code2wav.total_upsample))
         if heard < played:
             self._replies[-1] = self._replies[-1][:min(heard, fed)]
         return self.bundle.tokenizer.decode(self._replies[-1], skip_special_tokens=True)
