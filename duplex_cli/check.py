@@ -37,11 +37,16 @@ class Row:
 
 @dataclass(frozen=True)
 class GpuState:
-    """What torch sees: CUDA usable?, device names, and (free, total) bytes per device."""
+    """What torch sees: CUDA usable?, device names, (free, total) bytes and compute capability
+    (major, minor) per device."""
 
     cuda: bool
     names: tuple[str, ...] = ()
     memory: tuple[tuple[int, int], ...] = ()
+    capability: tuple[tuple[int, int], ...] = ()
+
+    def capability_of(self, index: int) -> tuple[int, int] | None:
+        return tuple(self.capability[index]) if index < len(self.capability) else None
 
 
 def _gib(n: int) -> str:
@@ -68,7 +73,8 @@ def probe_gpu() -> GpuState:
     count = torch.cuda.device_count()
     names = tuple(torch.cuda.get_device_name(i) for i in range(count))
     memory = tuple(torch.cuda.mem_get_info(i) for i in range(count))
-    return GpuState(True, names, memory)
+    capability = tuple(tuple(torch.cuda.get_device_capability(i)) for i in range(count))
+    return GpuState(True, names, memory, capability)
 
 
 def wants_cuda(device_map: str) -> bool:
@@ -97,7 +103,10 @@ def check_torch(settings: Settings, gpu: GpuState) -> list[Row]:
         return rows
     rows.append(Row("system", "CUDA", OK, f"CUDA {torch.version.cuda}, {len(gpu.names)} GPU(s)"))
     for i, (name, (free, total)) in enumerate(zip(gpu.names, gpu.memory)):
-        rows.append(Row("system", f"GPU {i}", OK, f"{name}: {_gib(free)} free of {_gib(total)}"))
+        cc = gpu.capability_of(i)
+        arch = f", compute capability {cc[0]}.{cc[1]}" if cc else ""
+        rows.append(Row("system", f"GPU {i}", OK,
+                        f"{name}: {_gib(free)} free of {_gib(total)}{arch}"))
     index = device_index(device_map)
     if wants_cuda(device_map) and index >= len(gpu.names):
         rows.append(Row("system", "device map", FAIL, f"{device_map} does not exist",
@@ -108,28 +117,125 @@ def check_torch(settings: Settings, gpu: GpuState) -> list[Row]:
 # ---------------------------------------------------------------------------------- the model
 
 
-def check_model(settings: Settings, gpu: GpuState) -> list[Row]:
+def _model_config(q) -> tuple[Any, dict, str]:
+    """(cache status, config dict, where the config came from) for `qwen.model_id`: its own
+    config.json when on disk, else the release config."""
     from duplex_chat.model import footprint
     from duplex_chat.model.reference_config import release_config_dict
 
-    q = settings.qwen
     status = footprint.hub_cache_status(q.model_id)
-    rows = [_presence_row(status)]
     config = status.config() if status.present else None
-    basis = "its config.json" if config is not None else "the release config"
-    config = config if config is not None else release_config_dict()
+    if config is not None:
+        return status, config, "its config.json"
+    return status, release_config_dict(), "the release config"
+
+
+def _mode_label(config: dict, q) -> str:
+    """How the weights are stored: "bfloat16", "bfloat16 + int4 (…)", "bfloat16 + 8-bit"."""
+    from duplex_chat.model import footprint
+
+    dtype = footprint.resolve_dtype(config, q.torch_dtype)
+    fmt = footprint.weight_format(config, q.quantize)
+    if footprint.checkpoint_format(config) is not None:
+        return f"{dtype} + pre-quantized ({fmt.name})"
+    if fmt is not None:
+        return f"{dtype} + {q.quantize} ({QUANTIZE_DETAIL[q.quantize]})"
+    return dtype + (" + 8-bit" if q.load_in_8bit else "")
+
+
+QUANTIZE_DETAIL = {  # footprint.QUANTIZE_FORMATS in words
+    "int8": "int8, a scale per output channel",
+    "int4": "4-bit, a scale per group of 128",
+    "fp8": "float8 e4m3, a scale per output channel",
+}
+
+
+def check_model(settings: Settings, gpu: GpuState) -> list[Row]:
+    from duplex_chat.model import footprint
+
+    q = settings.qwen
+    status, config, basis = _model_config(q)
+    rows = [_presence_row(status)]
     try:
-        need = footprint.gpu_bytes(config, q.torch_dtype, q.load_in_8bit, footprint.cache_for(q))
-        weights = footprint.weight_bytes(config, q.torch_dtype, q.load_in_8bit)
+        cache = footprint.cache_for(q)
+        need = footprint.gpu_bytes(config, q.torch_dtype, q.load_in_8bit, cache, q.quantize)
+        weights = footprint.weight_bytes(config, q.torch_dtype, q.load_in_8bit, q.quantize)
         params = sum(footprint.part_params(config).values())
+        label = _mode_label(config, q)
     except (KeyError, TypeError, ValueError) as exc:
         return rows + [Row("model", "memory", WARN, f"cannot size the model from {basis} ({exc})")]
-    dtype = footprint.resolve_dtype(config, q.torch_dtype) + (" + 8-bit" if q.load_in_8bit else "")
-    detail = (f"{params / 1e9:.2f} B parameters ({basis}); {dtype}: weights {_gib(weights)} "
-              f"without vision + margin = {_gib(need)}")
+    detail = (f"{params / 1e9:.2f} B parameters ({basis}); {label}: weights "
+              f"{_gib(weights)} without vision + margin = {_gib(need)} (estimate, "
+              f"max_context_tokens {q.max_context_tokens})")
     rows.append(Row("model", "size", OK, detail))
+    rows.append(_cards_row(settings, config, need))
+    fp8 = _fp8_row(settings, gpu)
+    if fp8 is not None:
+        rows.append(fp8)
     rows.append(_fit_row(settings, gpu, need, config))
     return rows
+
+
+def _cards_row(settings: Settings, config: dict, need: int) -> Row:
+    """Which common cards the estimate fits (footprint.CARDS), and which fit a shorter context."""
+    from duplex_chat.model import footprint
+
+    q = settings.qwen
+    fits = footprint.fits_cards(need, q.quantize)
+    detail = "fits " + (", ".join(c.name for c in fits) if fits else "none of the common cards")
+    shorter = ([] if q.load_in_8bit else
+               _shorter_context_cards(settings, config, q.torch_dtype, q.quantize, fits))
+    if shorter:
+        detail += "; with a shorter context: " + ", ".join(shorter)
+    fp8 = " (fp8: compute capability 8.9 or newer)" if q.quantize == "fp8" else ""
+    return Row("model", "cards", OK, detail + f" (estimate; each card's CUDA memory less "
+               f"{_gib(footprint.FIT_HEADROOM_BYTES)} headroom){fp8}")
+
+
+def _shorter_context_cards(settings: Settings, config: dict, dtype: str, quantize: str,
+                           fits: Sequence) -> list[str]:
+    """"CARD at max_context_tokens N" for the cards that `quantize` fits only below the
+    configured context."""
+    from duplex_chat.model import footprint
+
+    q = settings.qwen
+    out = []
+    for card in footprint.CARDS:
+        if card in fits or not footprint.runs_on(card, quantize):
+            continue
+        context = footprint.context_that_fits(config, dtype, footprint.card_budget(card),
+                                              q.max_reply_tokens, q.max_reply_seconds, quantize,
+                                              at_most=q.max_context_tokens)
+        if context is not None:
+            out.append(f"{card.name} at max_context_tokens {context}")
+    return out
+
+
+def fp8_unsupported(gpu: GpuState, index: int) -> str | None:
+    """Why fp8 cannot run on GPU `index` (its compute capability is below 8.9), or None."""
+    from duplex_chat.model.footprint import FP8_MIN_CAPABILITY
+
+    cc = gpu.capability_of(index) if gpu.cuda else None
+    if cc is None or cc >= FP8_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    name = gpu.names[index] if index < len(gpu.names) else f"GPU {index}"
+    return (f"fp8 needs compute capability {need} or newer (Ada, Hopper, Blackwell); "
+            f"GPU {index} ({name}) is {cc[0]}.{cc[1]}")
+
+
+def _fp8_row(settings: Settings, gpu: GpuState) -> Row | None:
+    if settings.qwen.quantize != "fp8" or not gpu.cuda:
+        return None
+    index = device_index(settings.qwen.device_map)
+    if index >= len(gpu.names):
+        return None
+    why = fp8_unsupported(gpu, index)
+    if why is None:
+        cc = gpu.capability_of(index)
+        where = f"GPU {index} is {cc[0]}.{cc[1]}" if cc else f"GPU {index}"
+        return Row("model", "fp8", OK, f"{where}: float8 matmuls supported")
+    return Row("model", "fp8", FAIL, why, "Use --quantize int8 (the same size) or --quantize int4.")
 
 
 def _presence_row(status) -> Row:
@@ -162,30 +268,124 @@ def _fit_row(settings: Settings, gpu: GpuState, need: int, config: dict) -> Row:
     if need <= free:
         return Row("model", "fits", OK, f"needs {_gib(need)}, {_gib(free)} free on {where}")
     detail = f"needs {_gib(need)} but {where} has {_gib(free)} free of {_gib(total)}"
+    shorter = _context_hint(settings, config, free)
     if need <= total:
         return Row("model", "fits", FAIL, detail, "Other processes hold GPU memory: stop them "
-                   "(see nvidia-smi) or pick another GPU with --device-map cuda:N.")
-    return Row("model", "fits", FAIL, detail, _smaller_options(settings, config, total))
+                   f"(see nvidia-smi) or pick another GPU with --device-map cuda:N.{shorter}")
+    return Row("model", "fits", FAIL, detail,
+               _smaller_options(settings, config, free, gpu, index) + shorter)
 
 
-def _smaller_options(settings: Settings, config: dict, total: int) -> str:
-    """What to try when the model cannot fit in `total` bytes."""
+def _context_hint(settings: Settings, config: dict, budget: int) -> str:
+    """" Or shorten the context: …" when the configured mode fits `budget` at a shorter
+    max_context_tokens; "" otherwise."""
     from duplex_chat.model import footprint
 
-    cache = footprint.cache_for(settings.qwen)
+    q = settings.qwen
+    if q.load_in_8bit:
+        return ""
+    context = footprint.context_that_fits(config, q.torch_dtype, budget, q.max_reply_tokens,
+                                          q.max_reply_seconds, q.quantize,
+                                          at_most=q.max_context_tokens - 1)
+    if context is None:
+        return ""
+    cache = footprint.cache_positions(context, q.max_reply_tokens, q.max_reply_seconds)
+    need = footprint.gpu_bytes(config, q.torch_dtype, False, cache, q.quantize)
+    return (f" Or shorten the context: qwen.max_context_tokens = {context} in the config file "
+            f"(or SCA_QWEN_MAX_CONTEXT_TOKENS={context}), about {_gib(need)}.")
+
+
+@dataclass(frozen=True)
+class ModeEstimate:
+    """One line of the alternatives table: a `qwen.quantize` mode sized for these settings.
+
+    dtype: what the weights it leaves alone and the KV caches are in; flags: what to pass to get
+    it; weights, need: bytes (estimates, model/footprint.py) at the configured context; cards:
+    the common cards it fits; shorter: "CARD at max_context_tokens N" for cards it fits only with
+    a shorter context; available: False where this GPU cannot run it (fp8 below compute
+    capability 8.9), `why` says so; current: the configured mode.
+    """
+
+    mode: str
+    dtype: str
+    flags: str
+    weights: int
+    need: int
+    cards: tuple[str, ...]
+    shorter: tuple[str, ...]
+    available: bool = True
+    why: str = ""
+    current: bool = False
+
+
+def mode_estimates(settings: Settings, gpu: GpuState, config: dict) -> list[ModeEstimate]:
+    """The footprint of each `qwen.quantize` mode for these settings (weights in
+    `qwen.torch_dtype`, bfloat16 in place of float32), or of the checkpoint's own format when it
+    is pre-quantized (modes do not apply to it)."""
+    from duplex_chat.model import footprint
+
+    q = settings.qwen
+    cache = footprint.cache_for(q)
+    dtype = "bfloat16" if q.torch_dtype == "float32" else q.torch_dtype
+    base = (" --dtype bfloat16" if q.torch_dtype == "float32" else "") + (
+        " --no-load-in-8bit" if q.load_in_8bit else "")
+    modes = footprint.QUANTIZE_MODES
+    try:
+        own = footprint.checkpoint_format(config)
+    except ValueError:  # check_model's "memory" row says why
+        return []
+    if own is not None:
+        modes = ("none",)
+    index = device_index(q.device_map)
+    out = []
+    for mode in modes:
+        weights = footprint.weight_bytes(config, dtype, False, mode)
+        need = footprint.gpu_bytes(config, dtype, False, cache, mode)
+        cards = footprint.fits_cards(need, mode)
+        shorter = _shorter_context_cards(settings, config, dtype, mode, cards)
+        why = fp8_unsupported(gpu, index) if mode == "fp8" else None
+        if own is not None:
+            flags, current = f"(the checkpoint's own: {own.name})", True
+        else:
+            flags = (f"--quantize {mode}" + base).strip()
+            current = mode == q.quantize and not q.load_in_8bit and dtype == q.torch_dtype
+        out.append(ModeEstimate(mode, footprint.resolve_dtype(config, dtype), flags, weights,
+                                need, tuple(c.name for c in cards), tuple(shorter), why is None,
+                                why or "", current))
+    return out
+
+
+def _smaller_options(settings: Settings, config: dict, budget: int, gpu: GpuState,
+                     index: int) -> str:
+    """What to try when the model cannot fit in `budget` bytes (the GPU's free memory): the
+    quantize modes that fit, at the configured context or a shorter one (fp8 left out where the
+    GPU cannot run it)."""
+    from duplex_chat.model import footprint
+
+    q = settings.qwen
+    dtype = "bfloat16" if q.torch_dtype == "float32" else q.torch_dtype
+    estimates = mode_estimates(settings, gpu, config)
     tries = []
-    for dtype, int8, flags in (("bfloat16", False, "--dtype bfloat16"),
-                               ("bfloat16", True, "--dtype bfloat16 --load-in-8bit")):
-        if (dtype, int8) == (settings.qwen.torch_dtype, settings.qwen.load_in_8bit):
+    for est in estimates:
+        if est.current or not est.available:
             continue
-        need = footprint.gpu_bytes(config, dtype, int8, cache)
-        if need <= total:
-            tries.append(f"{flags} (about {_gib(need)})")
-    smallest = footprint.gpu_bytes(config, "bfloat16", True, cache)
+        if est.need <= budget:
+            tries.append(f"{est.flags} (about {_gib(est.need)})")
+            continue
+        context = footprint.context_that_fits(config, dtype, budget, q.max_reply_tokens,
+                                              q.max_reply_seconds, est.mode,
+                                              at_most=q.max_context_tokens)
+        if context is not None:
+            cache = footprint.cache_positions(context, q.max_reply_tokens, q.max_reply_seconds)
+            need = footprint.gpu_bytes(config, dtype, False, cache, est.mode)
+            tries.append(f"{est.flags} with qwen.max_context_tokens = {context} "
+                         f"(about {_gib(need)})")
     if tries:
         return "Try " + " or ".join(tries) + "."
-    return (f"No setting fits this card: use a GPU with at least {_gib(smallest)} "
-            "(an 80 GB H100/A100 or larger); 8-bit barely helps because the MoE experts stay 16-bit.")
+    smallest = min(estimates, key=lambda e: e.need)
+    cards = f", e.g. {smallest.cards[0]} or larger" if smallest.cards else ""
+    return (f"No setting fits this card: use a GPU with at least {_gib(smallest.need)} free "
+            f"for {smallest.flags}{cards}.")
 
 
 # -------------------------------------------------------------------------------------- audio
@@ -258,10 +458,12 @@ def check_vad() -> list[Row]:
 # ----------------------------------------------------------------------------------- the report
 
 
-def collect_rows(settings: Settings) -> list[Row]:
-    """Run every check; a check that crashes becomes a failed row instead of a traceback."""
+def collect_rows(settings: Settings, gpu: GpuState | None = None) -> list[Row]:
+    """Run every check; a check that crashes becomes a failed row instead of a traceback.
+    `gpu`: what torch sees (probed when None)."""
     rows = check_python()
-    gpu = _guarded(rows, "system", "GPU", probe_gpu) or GpuState(cuda=False)
+    if gpu is None:
+        gpu = _guarded(rows, "system", "GPU", probe_gpu) or GpuState(cuda=False)
     steps: list[tuple[str, str, Callable[[], list[Row]]]] = [
         ("system", "PyTorch", lambda: check_torch(settings, gpu)),
         ("model", "model", lambda: check_model(settings, gpu)),
@@ -272,6 +474,17 @@ def collect_rows(settings: Settings) -> list[Row]:
     for section, name, step in steps:
         rows += _guarded(rows, section, name, step) or []
     return rows
+
+
+def collect_report(settings: Settings) -> tuple[list[Row], list[ModeEstimate]]:
+    """The checks' rows and the alternatives table (memory per quantize mode)."""
+    probe_rows: list[Row] = []
+    gpu = _guarded(probe_rows, "system", "GPU", probe_gpu) or GpuState(cuda=False)
+    rows = collect_rows(settings, gpu)
+    rows[1:1] = probe_rows  # where collect_rows puts a failed probe: after the Python row
+    estimates = _guarded(rows, "model", "memory per mode",
+                         lambda: mode_estimates(settings, gpu, _model_config(settings.qwen)[1]))
+    return rows, estimates or []
 
 
 def _guarded(rows: list[Row], section: str, name: str, step: Callable[[], Any]) -> Any:
@@ -298,21 +511,25 @@ def run_check(settings: Settings, json_out: bool = False) -> int:
 
     Returns the exit code: 1 when any row failed (something blocks `talk`), else 0.
     """
-    rows = collect_rows(settings)
+    rows, estimates = collect_report(settings)
     ok = not any(r.status == FAIL for r in rows)
     if json_out:
-        report = {"ok": ok, "checks": [asdict(r) for r in rows], "config": config_entries(settings)}
+        report = {"ok": ok, "checks": [asdict(r) for r in rows],
+                  "memory": [asdict(e) for e in estimates], "config": config_entries(settings)}
         sys.stdout.write(json.dumps(report, default=str) + "\n")
     else:
-        _print_report(rows, settings, ok)
+        _print_report(rows, settings, ok, estimates)
     return 0 if ok else 1
 
 
-def _print_report(rows: list[Row], settings: Settings, ok: bool) -> None:
+def _print_report(rows: list[Row], settings: Settings, ok: bool,
+                  estimates: Sequence[ModeEstimate] = ()) -> None:
     from rich.console import Console
 
     console = Console()
     console.print(checks_table(rows))
+    if estimates:
+        console.print(memory_table(estimates, settings))
     console.print(config_table(settings))
     failed = sum(r.status == FAIL for r in rows)
     if ok:
@@ -330,6 +547,26 @@ def checks_table(rows: Iterable[Row]):
         table.add_column(column, overflow="fold")
     for r in rows:  # Text(): details may hold brackets that Rich would read as markup
         table.add_row(r.section, r.name, STATUS_MARK[r.status], Text(r.detail), Text(r.fix))
+    return table
+
+
+def memory_table(estimates: Sequence[ModeEstimate], settings: Settings):
+    """The alternatives: each quantize mode's estimated footprint and the cards it fits."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"GPU memory per mode (estimates from model/footprint.py, "
+                        f"max_context_tokens {settings.qwen.max_context_tokens})")
+    for column in ("mode", "flags", "weights", "for talk", "fits", "note"):
+        table.add_column(column, overflow="fold")
+    for e in estimates:
+        fits = ", ".join(e.cards) or "none of the common cards"
+        notes = ([f"shorter context: {'; '.join(e.shorter)}"] if e.shorter else []) + (
+            [f"not on this GPU: {e.why}"] if not e.available else [])
+        mode = (e.mode if e.mode != "none" else f"none ({e.dtype})") + (
+            " (configured)" if e.current else "")
+        table.add_row(mode, Text(e.flags), _gib(e.weights), _gib(e.need), Text(fits),
+                      Text("; ".join(notes)))
     return table
 
 

@@ -5,9 +5,13 @@ analytically (no model is built, transformers is not imported), following the mo
 transformers' `modeling_qwen3_omni_moe.py`; tests check the counts equal the instantiated tiny
 model's, part by part, and the release config's total is the 35.26 B that DESIGN.md gives.
 
-`gpu_bytes(config, dtype, load_in_8bit, cache)` turns that into the GPU memory `talk` needs: the
-weights of every part but the vision tower (voice chat never loads images) plus a working margin
-(KV caches of the size the settings give them, `cache_for(qwen_settings)`, and a workspace).
+`gpu_bytes(config, dtype, load_in_8bit, cache, quantize)` turns that into the GPU memory `talk`
+needs: the weights of every part but the vision tower (voice chat never loads images), stored as
+`qwen.quantize` (or a pre-quantized checkpoint's own `quantization_config`) stores them, plus a
+working margin (KV caches of the size the settings give them, `cache_for(qwen_settings)`, and a
+workspace). `ROUNDED_AT_LOAD` / `rounded_at_load(name)` is THE rule for which weights
+quantize-at-load rounds; model/loading.py applies the same rule. `CARDS` / `fits_cards(bytes)` say which common
+GPUs an estimate fits, `context_that_fits` the longest `max_context_tokens` a budget allows.
 
 `hub_cache_status(model_id)` says whether a model is a local directory or sits complete in the
 Hugging Face hub cache, reading only the local disk (never the network).
@@ -16,6 +20,8 @@ Hugging Face hub cache, reading only the local disk (never the network).
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +33,7 @@ from .checkpoint import CONFIG_FILE, inspect_checkpoint, missing_weights
 PARTS = ("thinker", "audio_encoder", "vision", "talker", "code_predictor", "code2wav")
 VOICE_PARTS = tuple(p for p in PARTS if p != "vision")  # what `talk` puts on the GPU
 
+GIB = 1024**3
 BYTES_PER_PARAM = {"float16": 2, "bfloat16": 2, "float32": 4}
 INT8_BYTES = 1  # bitsandbytes LLM.int8 stores nn.Linear weights as int8 (+ a per-row scale)
 INT8_SKIPPED_PARTS = ("code2wav",)  # loading.py's llm_int8_skip_modules keeps these in 16 bit
@@ -41,30 +48,202 @@ ACTIVATION_WORKSPACE_BYTES = 2 * 1024**3  # prefill activations, MoE buffers, cu
 
 
 
-@dataclass(frozen=True)
-class PartCount:
-    """Parameters of one part, split by how 8-bit loading treats them.
+# ------------------------------------------------------------------ what quantize-at-load rounds
+#
+# THE RULE (model/loading.py rounds exactly these; keep the two in step): `qwen.quantize` rounds
+# the weights of the thinker's and the talker's decoder layers:
+#   - attention q/k/v/o projections,
+#   - the routed experts (transformers' fused 3-D `gate_up_proj` [E, 2I, H] and
+#     `down_proj` [E, H, I]),
+#   - the talker's shared expert (gate/up/down), and dense MLPs of decoder layers
+#     (`mlp_only_layers`; the release config has none),
+# and nothing else: not the routers (`mlp.gate`, `shared_expert_gate`), embeddings, `lm_head`s,
+# the talker's `codec_head`, norms, the audio encoder, the code predictor (its own decoder layers
+# included), the talker's `text_projection` / `hidden_projection`, code2wav, the vision tower.
+# Scales run along the input dimension (the last one): one per output row (int8, fp8) or one per
+# group of `group_size` inputs of a row (int4).
+ROUNDED_AT_LOAD = re.compile(
+    r"^(thinker\.model\.language_model|talker\.model)\.layers\.\d+\."
+    r"(self_attn\.[qkvo]_proj\.weight"
+    r"|mlp\.experts\.(gate_up_proj|down_proj)"
+    r"|mlp\.shared_expert\.(gate|up|down)_proj\.weight"
+    r"|mlp\.(gate|up|down)_proj\.weight)$"
+)
 
-    linear: weights of `nn.Linear` layers (quantised to int8 by `load_in_8bit`);
-    experts: the fused MoE expert tensors (`nn.Parameter`s, which bitsandbytes leaves in 16 bit);
-    other: embeddings, `lm_head`s (skipped by loading.py's int8 config), biases, norms, convs.
+
+def rounded_at_load(name: str) -> bool:
+    """Whether quantize-at-load rounds the parameter `name` (a `named_parameters()` name of
+    `Qwen3OmniMoeForConditionalGeneration` in this transformers version)."""
+    return ROUNDED_AT_LOAD.match(name) is not None
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a rounded weight is stored, as far as its size goes.
+
+    bits: per weight; group_size: inputs per scale along a row (None: one scale per output row);
+    block: (rows, cols) per scale for block-wise FP8 (overrides group_size); scale_bits and
+    zero_bits (0 when symmetric; 8 otherwise, as model/quant/formats.py holds zero points in
+    memory: int8, one per scale): per scale; talker: whether the talker's decoder layers are
+    rounded too (community checkpoints leave the talker in bf16).
     """
 
-    linear: int = 0
+    name: str
+    bits: int
+    group_size: int | None = None
+    scale_bits: int = 16
+    zero_bits: int = 0
+    block: tuple[int, int] | None = None
+    talker: bool = True
+
+    def matrix_bytes(self, n_in: int, n_out: int) -> int:
+        """Bytes of one rounded [n_out, n_in] weight: packed values + scales (+ zero points)."""
+        if self.block is not None:
+            scales = math.ceil(n_out / self.block[0]) * math.ceil(n_in / self.block[1])
+        elif self.group_size:
+            scales = n_out * math.ceil(n_in / self.group_size)
+        else:
+            scales = n_out
+        return math.ceil(n_in * n_out * self.bits / 8) + math.ceil(
+            scales * (self.scale_bits + self.zero_bits) / 8)
+
+
+# Quantize at load (`qwen.quantize`): round to nearest, symmetric, no zero point.
+QUANTIZE_FORMATS = {
+    "int8": WeightFormat("int8", 8, None, scale_bits=16),  # int8, a 16-bit scale per output row
+    "int4": WeightFormat("int4", 4, 128, scale_bits=16),  # 4-bit, a 16-bit scale per 128 weights
+    "fp8": WeightFormat("fp8", 8, None, scale_bits=32),  # float8_e4m3fn, a float32 scale per row
+}
+QUANTIZE_MODES = ("none", *QUANTIZE_FORMATS)  # = config.settings.QUANTIZE_MODES (a test checks)
+FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada, Hopper and newer
+
+
+def checkpoint_format(config: Mapping[str, Any]) -> WeightFormat | None:
+    """A pre-quantized checkpoint's `WeightFormat` from its config.json `quantization_config`
+    (compressed-tensors, as llm-compressor writes it), or None for a checkpoint in 16 bit.
+
+    Read minimally, for sizing only and without torch (model/quant/compressed.py's `read_scheme`
+    reads it for loading; a test holds the two together): the first config group's `weights`
+    (num_bits, type, symmetric, strategy, group_size, block_structure, scale_dtype) and the
+    `ignore` list, where a pattern naming "talker" leaves the talker in 16 bit. Scales count 16
+    bits (the checkpoint's dtype), FP8's 32 (as quantize-at-load's fp8, the larger case).
+    Only the thinker's and the talker's decoder layers are counted as quantized: a checkpoint that
+    also quantizes the audio encoder or code2wav is overestimated by at most ~1 GiB.
+    """
+    q = config.get("quantization_config")
+    if not q:
+        return None
+    method = q.get("quant_method")
+    if method != "compressed-tensors":
+        raise ValueError(f"quantization_config.quant_method {method!r} is not compressed-tensors")
+    groups = [g for g in (q.get("config_groups") or {}).values() if g.get("weights")]
+    if not groups:
+        raise ValueError("quantization_config has no config group with weights")
+    w = groups[0]["weights"]
+    bits, kind = int(w["num_bits"]), w.get("type", "int")
+    strategy = w.get("strategy") or ("group" if w.get("group_size") else "channel")
+    group = int(w["group_size"]) if strategy == "group" else None
+    block = (tuple(w["block_structure"]) if strategy == "block" and w.get("block_structure")
+             else None)
+    scale_bits = 32 if (w.get("scale_dtype") or "").endswith("float32") or (
+        kind == "float" and not w.get("scale_dtype")) else 16
+    zero_bits = 0 if w.get("symmetric", True) or kind == "float" else 8  # unpacked to int8
+    talker = not any("talker" in str(p) for p in q.get("ignore") or ())
+    sym = "" if zero_bits == 0 else " asymmetric"
+    detail = f"g{group}" if group else (f"block {block[0]}x{block[1]}" if block else "per channel")
+    name = f"{kind}{bits} {detail}{sym} checkpoint" + ("" if talker else ", talker 16-bit")
+    return WeightFormat(name, bits, group, scale_bits, zero_bits, block, talker)
+
+
+def weight_format(config: Mapping[str, Any], quantize: str = "none",
+                  scheme: WeightFormat | None = None) -> WeightFormat | None:
+    """What the rounded weights are stored as: `scheme` if given, else a pre-quantized
+    checkpoint's own format (it wins over `quantize`: its weights are already rounded), else
+    `quantize`'s; None for 16/32-bit weights."""
+    if scheme is not None:
+        return scheme
+    own = checkpoint_format(config)
+    if own is not None:
+        return own
+    if quantize == "none":
+        return None
+    if quantize not in QUANTIZE_FORMATS:
+        raise ValueError(f"unknown quantize mode {quantize!r} (one of {', '.join(QUANTIZE_MODES)})")
+    return QUANTIZE_FORMATS[quantize]
+
+
+# ------------------------------------------------------------------------------ counting
+
+
+def _merge_shapes(*shapes: tuple[tuple[int, int, int], ...]) -> tuple[tuple[int, int, int], ...]:
+    merged: dict[tuple[int, int], int] = {}
+    for group in shapes:
+        for n_in, n_out, count in group:
+            merged[(n_in, n_out)] = merged.get((n_in, n_out), 0) + count
+    return tuple(sorted((i, o, c) for (i, o), c in merged.items() if c))
+
+
+@dataclass(frozen=True)
+class PartCount:
+    """Parameters of one part, split by how quantization treats them.
+
+    Rounded by `qwen.quantize` (see ROUNDED_AT_LOAD), in the thinker's and talker's decoder layers:
+      attention: q/k/v/o projection weights; experts: the fused routed-expert tensors;
+      shared_expert: the talker's shared expert; dense_mlp: dense MLPs of decoder layers.
+    Never rounded:
+      router: the MoE routers (`mlp.gate`, `shared_expert_gate`);
+      linear: every other `nn.Linear` weight (audio encoder, projections, code predictor,
+      codec_head, code2wav, vision); other: embeddings, `lm_head`s, biases, norms, convs.
+    rounded_shapes: (n_in, n_out, count) of the rounded weight matrices (an expert tensor counts
+    as one matrix per expert), for the scales per row or per group.
+    `load_in_8bit` (bitsandbytes) makes `int8_linear` 8-bit and leaves experts and other 16-bit.
+    """
+
+    attention: int = 0
     experts: int = 0
+    shared_expert: int = 0
+    dense_mlp: int = 0
+    router: int = 0
+    linear: int = 0
     other: int = 0
+    rounded_shapes: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def total(self) -> int:
-        return self.linear + self.experts + self.other
+        return self.rounded + self.router + self.linear + self.other
+
+    @property
+    def rounded(self) -> int:
+        """Parameters quantize-at-load rounds."""
+        return self.attention + self.experts + self.shared_expert + self.dense_mlp
+
+    @property
+    def int8_linear(self) -> int:
+        """`nn.Linear` weights, which bitsandbytes' `load_in_8bit` stores as int8."""
+        return self.attention + self.shared_expert + self.dense_mlp + self.router + self.linear
 
     def __add__(self, o: "PartCount") -> "PartCount":
-        return PartCount(self.linear + o.linear, self.experts + o.experts, self.other + o.other)
+        return PartCount(
+            self.attention + o.attention, self.experts + o.experts,
+            self.shared_expert + o.shared_expert, self.dense_mlp + o.dense_mlp,
+            self.router + o.router, self.linear + o.linear, self.other + o.other,
+            _merge_shapes(self.rounded_shapes, o.rounded_shapes))
+
+    def times(self, n: int) -> "PartCount":
+        """n copies (n identical layers)."""
+        return PartCount(
+            n * self.attention, n * self.experts, n * self.shared_expert, n * self.dense_mlp,
+            n * self.router, n * self.linear, n * self.other,
+            tuple((i, o, c * n) for i, o, c in self.rounded_shapes))
 
 
-def _lin(n_in: int, n_out: int, bias: bool = True) -> PartCount:
-    """An nn.Linear: int8-able weight, bias kept in 16 bit."""
-    return PartCount(linear=n_in * n_out, other=n_out if bias else 0)
+def _lin(n_in: int, n_out: int, bias: bool = True, kind: str = "linear") -> PartCount:
+    """An nn.Linear: its weight counted as `kind` (a PartCount field), its bias as other.
+    Weights of the rounded kinds also record their shape."""
+    fields = {kind: n_in * n_out, "other": n_out if bias else 0}
+    if kind in ("attention", "shared_expert", "dense_mlp"):
+        fields["rounded_shapes"] = ((n_in, n_out, 1),)
+    return PartCount(**fields)
 
 
 def _other(n: int) -> PartCount:
@@ -82,26 +261,34 @@ def _head_dim(cfg: Mapping[str, Any]) -> int:
     return cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
 
 
-def _attention(cfg: Mapping[str, Any], qk_norm: bool) -> PartCount:
-    """Grouped-query attention: q, k, v, o projections (+ per-head RMSNorm on q and k)."""
+def _attention(cfg: Mapping[str, Any], qk_norm: bool, rounded: bool = False) -> PartCount:
+    """Grouped-query attention: q, k, v, o projections (+ per-head RMSNorm on q and k).
+    `rounded`: a thinker or talker decoder layer's (quantize-at-load rounds it)."""
     h, hd, bias = cfg["hidden_size"], _head_dim(cfg), bool(cfg.get("attention_bias", False))
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    count = _lin(h, q, bias) + _lin(h, kv, bias) + _lin(h, kv, bias) + _lin(q, h, bias)
+    kind = "attention" if rounded else "linear"
+    count = (_lin(h, q, bias, kind) + _lin(h, kv, bias, kind) + _lin(h, kv, bias, kind)
+             + _lin(q, h, bias, kind))
     return count + _other(2 * hd) if qk_norm else count
 
 
-def _gated_mlp(hidden: int, inter: int) -> PartCount:
+def _gated_mlp(hidden: int, inter: int, kind: str = "linear") -> PartCount:
     """SwiGLU MLP: gate, up and down projections without biases."""
-    return _lin(hidden, inter, False) + _lin(hidden, inter, False) + _lin(inter, hidden, False)
+    return (_lin(hidden, inter, False, kind) + _lin(hidden, inter, False, kind)
+            + _lin(inter, hidden, False, kind))
 
 
 def _moe(cfg: Mapping[str, Any], shared: bool) -> PartCount:
     """Router + fused experts (gate_up and down) (+ the talker's shared expert and its gate)."""
     h, mi = cfg["hidden_size"], cfg["moe_intermediate_size"]
     n = cfg.get("num_experts") or cfg["num_local_experts"]
-    count = _lin(h, n, False) + PartCount(experts=n * 3 * h * mi)
+    # gate_up_proj [n, 2*mi, h] (n_out 2*mi, n_in h) and down_proj [n, h, mi] (n_out h, n_in mi)
+    experts = PartCount(experts=n * 3 * h * mi, rounded_shapes=_merge_shapes(
+        ((h, 2 * mi, n),), ((mi, h, n),)))
+    count = _lin(h, n, False, "router") + experts
     if shared:
-        count = count + _gated_mlp(h, cfg["shared_expert_intermediate_size"]) + _lin(h, 1, False)
+        count = (count + _gated_mlp(h, cfg["shared_expert_intermediate_size"], "shared_expert")
+                 + _lin(h, 1, False, "router"))
     return count
 
 
@@ -114,10 +301,11 @@ def _is_sparse(cfg: Mapping[str, Any], layer: int) -> bool:
 def _thinker_text(thinker: Mapping[str, Any]) -> PartCount:
     cfg = thinker["text_config"]
     h, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    layers = []
-    for i in range(cfg["num_hidden_layers"]):
-        mlp = _moe(cfg, shared=False) if _is_sparse(cfg, i) else _gated_mlp(h, cfg["intermediate_size"])
-        layers.append(_attention(cfg, qk_norm=True) + mlp + _other(2 * h))
+    sparse = sum(_is_sparse(cfg, i) for i in range(cfg["num_hidden_layers"]))
+    dense = cfg["num_hidden_layers"] - sparse
+    common = _attention(cfg, qk_norm=True, rounded=True) + _other(2 * h)
+    layers = [(common + _moe(cfg, shared=False)).times(sparse),
+              (common + _gated_mlp(h, cfg["intermediate_size"], "dense_mlp")).times(dense)]
     embeddings = _other(vocab * h)
     head = PartCount() if thinker.get("tie_word_embeddings", False) else _other(h * vocab)
     return embeddings + _sum(layers) + _other(h) + head
@@ -151,11 +339,11 @@ def _talker(talker: Mapping[str, Any]) -> PartCount:
     cfg = talker["text_config"]
     h, vocab, inter = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     # Every talker layer is sparse: its decoder layer replaces any dense MLP by the MoE block.
-    layer = _attention(cfg, qk_norm=True) + _moe(cfg, shared=True) + _other(2 * h)
+    layer = _attention(cfg, qk_norm=True, rounded=True) + _moe(cfg, shared=True) + _other(2 * h)
     resize_mlp = _lin(talker["thinker_hidden_size"], inter) + _lin(inter, h)
     # codec_head is an nn.Linear that the int8 skip list ("lm_head", "code2wav") does not name.
     head = PartCount() if talker.get("tie_word_embeddings", False) else _lin(h, vocab, False)
-    return (_sum(layer for _ in range(cfg["num_hidden_layers"])) + _other(h) + _other(vocab * h)
+    return (layer.times(cfg["num_hidden_layers"]) + _other(h) + _other(vocab * h)
             + resize_mlp + resize_mlp + head)
 
 
@@ -249,32 +437,147 @@ def working_margin(config: Mapping[str, Any], dtype: str, cache: tuple[int, int]
     return total
 
 
-def weight_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool) -> int:
+def weight_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool,
+                 quantize: str = "none", scheme: WeightFormat | None = None) -> int:
     """Bytes of the weights `talk` loads (every part but the vision tower).
 
-    With `load_in_8bit` only `nn.Linear` weights become int8: transformers' bitsandbytes
-    integration leaves the fused MoE expert tensors (most of the model) and the output heads in
-    16 bit, so 8-bit saves little on Qwen3-Omni.
+    `quantize` (`qwen.quantize`) stores the weights ROUNDED_AT_LOAD names in its format
+    (QUANTIZE_FORMATS); a pre-quantized checkpoint (config.json `quantization_config`) or an
+    explicit `scheme` stores them in that format instead (see `weight_format`); everything else
+    stays in `torch_dtype`. With `load_in_8bit` only `nn.Linear` weights become int8:
+    transformers' bitsandbytes integration leaves the fused MoE expert tensors (most of the model)
+    and the output heads in 16 bit, so 8-bit saves little on Qwen3-Omni.
     """
     dtype = resolve_dtype(config, torch_dtype)
     counts = part_counts(config)
+    fmt = weight_format(config, quantize, scheme)
+    if fmt is not None:
+        size = BYTES_PER_PARAM[dtype]
+        total = 0
+        for part in VOICE_PARTS:
+            c = counts[part]
+            if part == "thinker" or (part == "talker" and fmt.talker):
+                total += (c.total - c.rounded) * size
+                total += sum(n * fmt.matrix_bytes(i, o) for i, o, n in c.rounded_shapes)
+            else:
+                total += c.total * size
+        return total
     if not load_in_8bit:
         return sum(counts[p].total for p in VOICE_PARTS) * BYTES_PER_PARAM[dtype]
     unquantised = BYTES_PER_PARAM["float16"] if dtype == "float32" else BYTES_PER_PARAM[dtype]
     quantised = _sum(counts[p] for p in VOICE_PARTS if p not in INT8_SKIPPED_PARTS)
     kept = sum(counts[p].total for p in INT8_SKIPPED_PARTS)
-    return (quantised.linear * INT8_BYTES
+    return (quantised.int8_linear * INT8_BYTES
             + (quantised.experts + quantised.other + kept) * unquantised)
 
 
 def gpu_bytes(config: Mapping[str, Any], torch_dtype: str, load_in_8bit: bool,
-              cache: tuple[int, int]) -> int:
-    """Estimated GPU memory for `talk`: weights without the vision tower + working margin, with
-    KV caches of `cache` = (thinker, talker) positions (`cache_for(settings.qwen)`)."""
+              cache: tuple[int, int], quantize: str = "none",
+              scheme: WeightFormat | None = None) -> int:
+    """Estimated GPU memory for `talk`: weights without the vision tower (stored as `quantize`
+    or the checkpoint's own scheme stores them, see `weight_bytes`) + working margin, with KV
+    caches of `cache` = (thinker, talker) positions (`cache_for(settings.qwen)`).
+
+    The margin is the same in every mode: the KV caches stay in `torch_dtype`, and the 2 GiB
+    workspace also covers quantize-at-load's transient, one decoder layer in 16 bit (a release
+    thinker layer: 1.2 GiB) while it is rounded, which comes before any activations exist."""
     dtype = resolve_dtype(config, torch_dtype)
     if load_in_8bit and dtype == "float32":
         dtype = "float16"
-    return weight_bytes(config, torch_dtype, load_in_8bit) + working_margin(config, dtype, cache)
+    weights = weight_bytes(config, torch_dtype, load_in_8bit, quantize, scheme)
+    return weights + working_margin(config, dtype, cache)
+
+
+def largest_rounded_layer_bytes(config: Mapping[str, Any], torch_dtype: str) -> int:
+    """Bytes of the largest decoder layer's rounded weights in `torch_dtype`: what quantize-at-load
+    holds unrounded at once on top of the weights already rounded."""
+    dtype = resolve_dtype(config, torch_dtype)
+    layers = []
+    for key, part in (("thinker_config", "thinker"), ("talker_config", "talker")):
+        n = config[key]["text_config"]["num_hidden_layers"]
+        layers.append(part_counts(config)[part].rounded // n)  # every layer alike in the release
+    return max(layers) * BYTES_PER_PARAM[dtype]
+
+
+# ---------------------------------------------------------------------------- common cards
+
+
+@dataclass(frozen=True)
+class Card:
+    """A common GPU: `cuda_gib` is the total memory CUDA reports for it
+    (`torch.cuda.mem_get_info()[1]`, the "total capacity" in PyTorch's out-of-memory message),
+    somewhat less than the GB on the box; `capability` its compute capability."""
+
+    name: str
+    box_gb: int
+    cuda_gib: float
+    capability: tuple[int, int]
+
+    @property
+    def cuda_bytes(self) -> int:
+        return int(self.cuda_gib * GIB)
+
+
+# Where the figures come from: PyTorch out-of-memory messages users posted (RTX 3090: "23.69 /
+# 23.70 GiB total capacity"; RTX 4090: 23.61-23.68 GiB, nvidia-smi 24564 MiB), this project's
+# H100 runs (79.1 GiB, docs/benchmarks.md), and for the others nvidia-smi's total less the
+# ~0.4 GiB the driver keeps back, as on the 4090 (RTX 5090 32607 MiB, A6000 and RTX 6000 Ada
+# 49140 MiB, L40S 46068 MiB with ECC on as shipped, A100 80GB 81920 MiB -> "79.15 GiB total
+# capacity", H200 143771 MiB). Rounded down to 0.1 GiB. Compute capabilities: NVIDIA's CUDA GPU
+# list (Ampere 8.0/8.6, Ada 8.9, Hopper 9.0, Blackwell consumer 12.0).
+CARDS = (
+    Card("RTX 3090", 24, 23.6, (8, 6)),
+    Card("RTX 4090", 24, 23.6, (8, 9)),
+    Card("RTX 5090", 32, 31.4, (12, 0)),
+    Card("L40S", 48, 44.5, (8, 9)),
+    Card("RTX 6000 Ada", 48, 47.5, (8, 9)),
+    Card("RTX A6000", 48, 47.5, (8, 6)),
+    Card("A100 80GB", 80, 79.1, (8, 0)),
+    Card("H100 80GB", 80, 79.1, (9, 0)),
+    Card("H200", 141, 139.8, (9, 0)),
+)
+# What an estimate must leave free on a card to count as fitting it: a desktop's share of the
+# card (a display, a browser) and the estimate's own error (bf16: 68.6 GiB estimated, 67.6 GiB
+# measured). Also the per-process fraction to test a card's fit with on a bigger GPU:
+# (card.cuda_bytes - FIT_HEADROOM_BYTES) / total.
+FIT_HEADROOM_BYTES = GIB * 3 // 2  # leaves a 24 GB card 22.1 GiB: issue 19's <= 22 GiB target
+
+
+def card_budget(card: Card) -> int:
+    """Bytes an estimate may take on `card` and still fit (its CUDA memory less the headroom)."""
+    return card.cuda_bytes - FIT_HEADROOM_BYTES
+
+
+def runs_on(card: Card, quantize: str) -> bool:
+    """Whether `card` can run `quantize` at all (fp8 needs compute capability 8.9)."""
+    return quantize != "fp8" or card.capability >= FP8_MIN_CAPABILITY
+
+
+def fits_cards(need: int, quantize: str = "none", cards: tuple[Card, ...] = CARDS
+               ) -> tuple[Card, ...]:
+    """The cards of `cards` whose budget holds `need` bytes and that can run `quantize`."""
+    return tuple(c for c in cards if need <= card_budget(c) and runs_on(c, quantize))
+
+
+# The settings' range for qwen.max_context_tokens (config/settings.py; tests keep them equal).
+CONTEXT_RANGE = (2048, 65536)
+CONTEXT_STEP = 2048  # proposed contexts are multiples of 2048 tokens
+
+
+def context_that_fits(config: Mapping[str, Any], torch_dtype: str, budget: int,
+                      max_reply_tokens: int, max_reply_seconds: float, quantize: str = "none",
+                      scheme: WeightFormat | None = None,
+                      at_most: int = CONTEXT_RANGE[1]) -> int | None:
+    """The largest `max_context_tokens` (a multiple of CONTEXT_STEP within CONTEXT_RANGE, at most
+    `at_most`) whose `gpu_bytes` is within `budget`; None when not even the smallest fits."""
+    lo = CONTEXT_RANGE[0]
+    best = None
+    for context in range(lo, min(at_most, CONTEXT_RANGE[1]) + 1, CONTEXT_STEP):
+        cache = cache_positions(context, max_reply_tokens, max_reply_seconds)
+        if gpu_bytes(config, torch_dtype, False, cache, quantize, scheme) > budget:
+            break
+        best = context
+    return best
 
 
 # ----------------------------------------------------------------------------- the local cache
