@@ -1,0 +1,134 @@
+"""Typed events from the session to whoever shows, records or sends them.
+
+Every event carries `sample`: the session's clock when it happened, in 16 kHz microphone samples
+since the session started (for `replay`, the file's position). Reply audio counts are 24 kHz
+samples, as in `duplex_chat.model.events`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from duplex_chat.audio.constants import SAMPLE_RATE
+from duplex_chat.model.events import Event
+
+
+@dataclass(frozen=True)
+class UserSpeechStarted:
+    """The policy confirmed speech whose onset is `onset_sample`. `turn_start` is where the
+    user's turn begins (onset minus pre-roll, or the speech that barged in), or None when the
+    speech is not a turn (a reply is playing and did not give way)."""
+
+    sample: int
+    onset_sample: int
+    audio_start: int
+    turn_start: int | None
+
+
+@dataclass(frozen=True)
+class UserSpeechEnded:
+    """The user's speech ended at `end_sample` (where the final silence began)."""
+
+    sample: int
+    end_sample: int
+
+
+@dataclass(frozen=True)
+class TurnCommitted:
+    """The user's turn [start_sample, end_sample) is over and the reply `turn` is asked for."""
+
+    sample: int
+    turn: int
+    start_sample: int
+    end_sample: int
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_sample - self.start_sample) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class ReplyStarted:
+    """The engine started reply `turn`."""
+
+    sample: int
+    turn: int
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    """An engine event, passed on as it arrived. `audio_at`: reply samples produced before it (a
+    view reveals text once that much has played). `current`: it belongs to the reply in flight,
+    not to one that was interrupted."""
+
+    sample: int
+    event: Event
+    audio_at: int
+    current: bool
+
+
+@dataclass(frozen=True)
+class ReplyAudible:
+    """The first reply sample became audible. `latency_ms`: from the end of the user's speech
+    to then (Full-Duplex-Bench's response latency); `stages`: the engine's marks so far."""
+
+    sample: int
+    turn: int
+    latency_ms: float
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The user barged in: playback stopped and the reply was cancelled. `heard_samples` is what
+    had been heard, or None when the player reports it later (see HistoryCut). `onset_sample`
+    is where the interrupting speech began."""
+
+    sample: int
+    turn: int
+    heard_samples: int | None
+    onset_sample: int
+
+
+@dataclass(frozen=True)
+class HistoryCut:
+    """After a barge-in, the conversation's history keeps reply `turn` up to `heard_samples`:
+    `text` is what it keeps."""
+
+    sample: int
+    turn: int
+    heard_samples: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ReplyFinished:
+    """Reply `turn` played to its end (`heard_samples` of it)."""
+
+    sample: int
+    turn: int
+    heard_samples: int
+
+
+@dataclass(frozen=True)
+class BargeInLapsed:
+    """A barge-in was followed by no turn (a cough, a door): the session listens again."""
+
+    sample: int
+
+
+@dataclass(frozen=True)
+class DeviceTrouble:
+    """The loop around the session reports trouble with its audio devices (`kind`: e.g.
+    "streams_reopened", "error"), so every observer sees it in the same stream of events.
+    `details`: what the loop knows about it (counters), by name."""
+
+    sample: int
+    kind: str
+    message: str = ""
+    details: dict[str, int] = field(default_factory=dict)
+
+
+SessionEvent = (UserSpeechStarted | UserSpeechEnded | TurnCommitted | ReplyStarted | EngineEvent
+                | ReplyAudible | Interrupted | HistoryCut | ReplyFinished | BargeInLapsed
+                | DeviceTrouble)

@@ -1,0 +1,78 @@
+"""Turn policies: when a user turn starts and when it is over.
+
+A policy hears the (echo-cancelled) microphone and answers with the voice-activity events that
+decide turns: `SpeechStarted` (a turn may begin; its audio starts pre-roll before the onset) and
+`SpeechEnded` (the turn is over). It also exposes how many consecutive 32 ms windows up to now
+were speech, which the barge-in fast path reads. Today's policy is plain VAD silence; a semantic
+end-of-turn model, or a speculative start, is another class with the same three members (after
+pipecat's turn analyzers: audio in, "complete or not" out), and talk and replay do not change.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from duplex_chat.audio.constants import VAD_WINDOW_SAMPLES
+from duplex_chat.audio.vad import SileroVad, SpeechProbability, VadEvent, VoiceActivity
+from duplex_chat.config import VadSettings
+
+VAD_WARMUP_WINDOWS = 4  # silent windows run through each VAD model before use
+
+
+class TurnPolicy(Protocol):
+    """What the session needs from a turn policy. Sample indices are the session's clock."""
+
+    @property
+    def speech_run(self) -> int:
+        """Consecutive VAD windows at or above the speech threshold, up to the last one fed."""
+
+    def feed(self, samples: np.ndarray) -> list[VadEvent]:
+        """Hear more microphone audio (n,) float32 at 16 kHz; return the turn events it completed."""
+
+    def finish(self) -> list[VadEvent]:
+        """End of input: close an open turn."""
+
+
+class OnsetTap:
+    """Wraps a VAD model to see every window's probability: counts consecutive speech windows."""
+
+    def __init__(self, vad: SpeechProbability, threshold: float):
+        self.vad, self.threshold = vad, threshold
+        self.run = 0  # consecutive windows at or above threshold, up to now
+        # TorchScript optimises a model on its first calls: 25-140 ms each (more on a loaded
+        # machine) holding the GIL, so a running PortAudio callback misses its deadline. Pay that
+        # now, when the session is built before the streams start, not during a reply (it garbled
+        # playback and shifted the echo path mid-reply).
+        silence = np.zeros(VAD_WINDOW_SAMPLES, np.float32)
+        for _ in range(VAD_WARMUP_WINDOWS):
+            vad.prob(silence)
+        vad.reset()
+
+    def prob(self, window: np.ndarray) -> float:
+        p = self.vad.prob(window)
+        self.run = self.run + 1 if p >= self.threshold else 0
+        return p
+
+    def reset(self) -> None:
+        self.vad.reset()
+        self.run = 0
+
+
+class SilencePolicy:
+    """A turn ends after `vad.end_of_turn_ms` of silence (audio/vad.py's `VoiceActivity` rules)."""
+
+    def __init__(self, settings: VadSettings, vad_model: SpeechProbability | None = None):
+        self.tap = OnsetTap(vad_model if vad_model is not None else SileroVad(), settings.threshold)
+        self.activity = VoiceActivity(settings, self.tap)
+
+    @property
+    def speech_run(self) -> int:
+        return self.tap.run
+
+    def feed(self, samples: np.ndarray) -> list[VadEvent]:
+        return self.activity.feed(samples)
+
+    def finish(self) -> list[VadEvent]:
+        return self.activity.finish()

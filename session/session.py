@@ -1,0 +1,331 @@
+"""`Session`: turn-taking around one Conversation, driven by microphone audio and playback progress.
+
+The loop around it (talk's device loop, replay's file loop) calls `hear(mic, played)` with each
+new stretch of microphone audio and, while a reply plays, its player's `progress()` is read after
+every VAD window. The session's clock is the number of microphone samples heard. It decides:
+
+- turns: the `TurnPolicy` starts and ends them; a turn's audio (from its pre-roll on) is fed to
+  the worker while it lasts, and at its end the reply is asked for (`TurnCommitted`);
+- barge-in: while a reply plays, `BargeIn` may interrupt it. The player stops at once, the
+  engine is cancelled, and the history is cut to what was heard (`truncate`: the reply has often
+  finished generating by then). The new turn keeps the speech that interrupted. When the player
+  learns what was heard only later, feeding the new turn waits for that report (or
+  HEARD_TIMEOUT_S), because `truncate` must come before the next turn's first `feed`;
+- the latency of each reply: from the end of the user's speech to its first audible sample.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from duplex_chat.audio.constants import (
+    OUTPUT_SAMPLE_RATE,
+    SAMPLE_RATE,
+    VAD_WINDOW_SAMPLES,
+    ms_to_samples,
+)
+from duplex_chat.audio.vad import SpeechEnded, SpeechProbability, SpeechStarted
+from duplex_chat.config import Settings
+from duplex_chat.model.events import AudioPacket, StageTimings, TurnFinished, TurnStarted
+from duplex_chat.model.protocol import Conversation
+
+from . import events as ev
+from .bargein import BARGE_IN_WINDOWS, BargeIn, History
+from .policy import SilencePolicy, TurnPolicy
+from .worker import (
+    EndTurn,
+    EngineOutput,
+    Failed,
+    Feed,
+    InlineWorker,
+    Player,
+    ReplyDone,
+    ReplyGate,
+    Stop,
+    Truncate,
+    Truncated,
+    Worker,
+)
+
+INTERRUPTED_TIMEOUT_S = 1.5  # after a barge-in with no turn, listen again (BargeInLapsed)
+HEARD_TIMEOUT_S = 1.0  # how long a late "heard" report is waited for before the last one counts
+WORKER_JOIN_TIMEOUT_S = 5.0  # how long `close` waits for the model to stop
+
+
+class Echo(Protocol):
+    """What the session needs from an echo canceller (audio/echo.py's `EchoCanceller`)."""
+
+    def process(self, mic: np.ndarray, played: np.ndarray) -> np.ndarray:
+        """Cleaned microphone audio (16 kHz); may lag the input by a frame."""
+
+
+@dataclass
+class _Reply:
+    """The reply in flight."""
+
+    id: int  # the ReplyGate generation it plays under
+    turn: int
+    speech_end: int  # session sample where the user's speech ended
+    produced: int = 0  # reply samples (24 kHz) the worker delivered
+    heard: int = 0  # reply samples the player reports heard
+    audible: bool = False
+    worker_done: bool = False
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _PendingCut:
+    """An interrupted reply whose heard count the player has yet to report."""
+
+    reply: _Reply
+    since: int  # session sample of the barge-in
+
+
+class Session:
+    """Turn-taking for one conversation. All methods run on one thread (the loop's), except that
+    the worker runs the Conversation (a thread with `threaded=True`, else inline).
+
+    `on_event` receives every `SessionEvent` as it happens. `echo`: an echo canceller for the
+    microphone (None: headphones or a file); `raw_vad`: the second VAD model its echo checks use
+    (made when echo is given and none is passed). `policy` defaults to `SilencePolicy`.
+    `input_latency_s` (settable) is added to each latency: the mic delivers sound that late.
+    """
+
+    def __init__(self, settings: Settings, conversation: Conversation, player: Player,
+                 on_event: Callable[[ev.SessionEvent], None], *, policy: TurnPolicy | None = None,
+                 vad_model: SpeechProbability | None = None, echo: Echo | None = None,
+                 raw_vad: SpeechProbability | None = None, threaded: bool = True):
+        self.conversation, self.player, self.emit = conversation, player, on_event
+        self.barge_in_enabled = settings.audio.barge_in
+        self.pre_roll = ms_to_samples(settings.vad.pre_roll_ms)
+        self.policy = policy if policy is not None else SilencePolicy(settings.vad, vad_model)
+        self.echo = echo
+        if echo is not None and raw_vad is None:
+            from duplex_chat.audio.vad import SileroVad
+
+            raw_vad = SileroVad()
+        self.barge = BargeIn(settings.vad.threshold, raw_vad if echo is not None else None)
+        self.history = History()  # cleaned mic: a turn's audio, pre-roll included
+        self.gate = ReplyGate()
+        self.worker = (Worker if threaded else InlineWorker)(conversation, player, self.gate)
+        self.input_latency_s = 0.0
+        self.turns = 0  # replies asked for so far
+        self.turn_start: int | None = None  # start of the open user turn (with pre-roll)
+        self.fed_upto = 0
+        self.reply: _Reply | None = None
+        self.pending: _PendingCut | None = None
+        self.barge_onset: int | None = None  # onset of the speech that interrupted
+        self.interrupted_at: int | None = None
+
+    @property
+    def now(self) -> int:
+        """The session's clock: microphone samples heard (after echo cancellation, which delays
+        them by up to one 10 ms frame)."""
+        return self.history.total
+
+    @property
+    def replying(self) -> bool:
+        """A reply is in flight (asked for, not yet played out or interrupted)."""
+        return self.reply is not None
+
+    def start(self) -> None:
+        """Start the worker (a no-op for the inline one)."""
+        self.worker.start()
+
+    # ---- inputs --------------------------------------------------------------------------
+    def hear(self, mic: np.ndarray, played: np.ndarray | None = None) -> None:
+        """The next stretch of microphone audio (n,) float32 at 16 kHz, and what the speaker
+        played meanwhile (16 kHz, the same clock; None: nothing, or no echo path). Raises the
+        worker's exception if it failed."""
+        mic = np.asarray(mic, np.float32)
+        played = np.zeros(0, np.float32) if played is None else np.asarray(played, np.float32)
+        clean = self.echo.process(mic, played) if self.echo is not None else mic
+        self.barge.hear(mic, played, replying=self.reply is not None)
+        done = 0
+        # Pieces end on VAD window boundaries, so barge-in and turn decisions land on the window
+        # that made them, whatever the caller's chunk size (10 ms in talk, 320 ms in replay).
+        while done < len(clean):
+            n = min(len(clean) - done, VAD_WINDOW_SAMPLES - self.now % VAD_WINDOW_SAMPLES)
+            self._step(clean[done:done + n])
+            done += n
+            self._update()
+        if not len(clean):
+            self._update()
+
+    def finish(self) -> None:
+        """End of input (replay): close an open turn as the policy says."""
+        self._turn_events(self.policy.finish())
+        self._update()
+
+    def device_trouble(self, kind: str, message: str = "", **details: int) -> None:
+        """Pass the loop's device trouble on to every observer (a DeviceTrouble event)."""
+        self.emit(ev.DeviceTrouble(self.now, kind, message, details))
+
+    def close(self) -> None:
+        """Stop the reply and the worker, without waiting long on the model."""
+        self.worker.stopping.set()
+        with self.gate.lock:
+            self.gate.generation += 1
+            heard = self.player.stop()
+        self.conversation.cancel(heard or 0)
+        self.worker.submit(Stop())
+        self.worker.join(WORKER_JOIN_TIMEOUT_S)
+
+    # ---- one window's worth of audio ------------------------------------------------------
+    def _step(self, clean: np.ndarray) -> None:
+        self.history.append(clean)
+        events = self.policy.feed(clean)
+        if self.reply is not None:
+            run = self.barge.run(self.policy.speech_run)
+            if run >= BARGE_IN_WINDOWS and self.barge_in_enabled:
+                self._barge_in(run)
+        self._turn_events(events)
+        if self.turn_start is not None and self.pending is None and self.now > self.fed_upto:
+            self._feed()
+
+    def _turn_events(self, events) -> None:
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._speech_started(event)
+            elif isinstance(event, SpeechEnded):
+                self._speech_ended(event)
+
+    def _feed(self) -> None:
+        self.worker.submit(Feed(self.history.since(self.fed_upto)))
+        self.fed_upto = self.now
+
+    def _speech_started(self, event: SpeechStarted) -> None:
+        if self.reply is not None:  # barge-in is off (or did not fire): not a turn
+            self.emit(ev.UserSpeechStarted(self.now, event.sample_index, event.audio_start_index, None))
+            return
+        start = event.audio_start_index
+        if self.barge_onset is not None:  # keep the speech that interrupted, even a short first word
+            start = max(0, min(start, self.barge_onset - self.pre_roll))
+            self.barge_onset = None
+        self.interrupted_at = None
+        self.turn_start = start
+        self.fed_upto = max(start, self.now - self.history.capacity)
+        self.emit(ev.UserSpeechStarted(self.now, event.sample_index, event.audio_start_index, start))
+
+    def _speech_ended(self, event: SpeechEnded) -> None:
+        self.emit(ev.UserSpeechEnded(self.now, event.sample_index))
+        if self.turn_start is not None:
+            self._commit(event.sample_index)
+
+    def _commit(self, end: int) -> None:
+        """The turn is over: feed what is left of it and ask for the reply."""
+        if self.pending is not None:  # its report is overdue now: cut with what is known
+            self._cut(self.pending.reply, self.pending.reply.heard)
+        if self.now > self.fed_upto:
+            self._feed()
+        with self.gate.lock:
+            self.gate.generation += 1
+            self.player.begin_reply(self.gate.generation)  # before the first packet can come
+        self.reply = _Reply(self.gate.generation, self.turns, end)
+        self.barge.reply_started()
+        self.emit(ev.TurnCommitted(self.now, self.turns, self.turn_start, end))
+        self.turns += 1
+        self.turn_start = None
+        self.worker.submit(EndTurn(self.reply.id))
+
+    def _barge_in(self, run: int) -> None:
+        reply = self.reply
+        assert reply is not None
+        with self.gate.lock:
+            self.gate.generation += 1
+            heard = self.player.stop()
+        # Stop generating now. Unsure what was heard, keep everything made so far: the cut
+        # below, once the player reports, only shortens the history.
+        self.conversation.cancel(heard if heard is not None else reply.produced)
+        self.reply = None
+        self.barge_onset = self.now - run * VAD_WINDOW_SAMPLES
+        self.interrupted_at = self.now
+        self.emit(ev.Interrupted(self.now, reply.turn, heard, self.barge_onset))
+        if heard is None:
+            self.pending = _PendingCut(reply, self.now)
+        else:
+            self._cut(reply, heard)
+
+    def _cut(self, reply: _Reply, heard: int) -> None:
+        """Cut the history to what was heard, before any audio of the next turn is fed."""
+        self.pending = None
+        reply.heard = heard
+        self.worker.submit(Truncate(reply.turn, heard))
+
+    # ---- what the worker and the player say ------------------------------------------------
+    def _update(self) -> None:
+        self._drain_worker()
+        self._track_reply()
+        self._track_pending()
+        if (self.interrupted_at is not None and self.turn_start is None
+                and self.now - self.interrupted_at > INTERRUPTED_TIMEOUT_S * SAMPLE_RATE):
+            self.barge_onset = self.interrupted_at = None  # a false start: nothing followed
+            self.emit(ev.BargeInLapsed(self.now))
+
+    def _drain_worker(self) -> None:
+        while True:
+            try:
+                out = self.worker.outputs.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(out, Failed):
+                raise out.error
+            if isinstance(out, Truncated):
+                self.emit(ev.HistoryCut(self.now, out.turn, out.heard_samples, out.text))
+            elif isinstance(out, ReplyDone):
+                if self.reply is not None and self.reply.id == out.reply:
+                    self.reply.worker_done = True
+            elif isinstance(out, EngineOutput):
+                self._engine_event(out)
+
+    def _engine_event(self, out: EngineOutput) -> None:
+        reply = self.reply if self.reply is not None and self.reply.id == out.reply else None
+        event = out.event
+        self.emit(ev.EngineEvent(self.now, event, reply.produced if reply else 0, reply is not None))
+        if reply is None:
+            return
+        if isinstance(event, TurnStarted):
+            self.emit(ev.ReplyStarted(self.now, reply.turn))
+        elif isinstance(event, AudioPacket):
+            reply.produced += len(event.samples)
+        elif isinstance(event, StageTimings):
+            reply.stages.update(event.stages)
+        elif isinstance(event, TurnFinished):
+            reply.produced = max(reply.produced, event.audio_samples)
+
+    def _track_reply(self) -> None:
+        reply = self.reply
+        if reply is None:
+            return
+        progress = self.player.progress()
+        if progress.reply != reply.id:
+            return
+        reply.heard = progress.heard
+        if progress.heard > 0 and not reply.audible:
+            reply.audible = True
+            # It has played continuously since it became audible: place that moment exactly,
+            # not at this (later) look.
+            audible_at = self.now - progress.heard * SAMPLE_RATE / OUTPUT_SAMPLE_RATE
+            latency_s = (audible_at - reply.speech_end) / SAMPLE_RATE + self.input_latency_s
+            self.emit(ev.ReplyAudible(self.now, reply.turn, 1000.0 * latency_s, dict(reply.stages)))
+        if progress.finished and reply.worker_done:
+            self.reply = None
+            self.emit(ev.ReplyFinished(self.now, reply.turn, progress.heard))
+
+    def _track_pending(self) -> None:
+        pending = self.pending
+        if pending is None:
+            return
+        progress = self.player.progress()
+        if progress.reply == pending.reply.id:
+            pending.reply.heard = max(pending.reply.heard, progress.heard)
+            if progress.finished:
+                self._cut(pending.reply, progress.heard)
+                return
+        if self.now - pending.since > HEARD_TIMEOUT_S * SAMPLE_RATE:
+            self._cut(pending.reply, pending.reply.heard)
+

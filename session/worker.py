@@ -1,0 +1,199 @@
+"""The worker that owns the Conversation, its typed commands, and the Player it plays into.
+
+`feed`, `end_turn` and `truncate` run on the worker (the Conversation's rule); the session's own
+thread only calls `cancel`. Reply packets go straight from the worker into the `Player`, so
+playback never waits on the session's loop. `ReplyGate` makes a barge-in's stop and the
+worker's writes atomic: no packet of a cancelled reply is queued after the stop.
+
+`Worker` is a thread (talk: the engine runs while the microphone keeps flowing); `InlineWorker`
+runs each command at once on the caller's thread (replay: results must not depend on timing).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE
+from duplex_chat.model.events import AudioPacket, Event
+from duplex_chat.model.protocol import Conversation
+
+OUTPUT_WAIT_S = 0.01  # worker's wait when the player has no room
+
+
+# ---- what the player reports, and what it must do ---------------------------------------------
+@dataclass(frozen=True)
+class Progress:
+    """How far the player is with reply `reply`: `heard` samples (24 kHz) audible so far;
+    `finished`: nothing more of it will sound (played out after its end, or stopped and final)."""
+
+    reply: int
+    heard: int
+    finished: bool
+
+
+class Player(Protocol):
+    """Where reply audio goes: a speaker, a socket, a timeline. `begin_reply`, `stop` and
+    `progress` are called from the session's thread; `room_s`, `write` and `end_reply` from the
+    worker's, under the ReplyGate's lock (except room_s)."""
+
+    def begin_reply(self, reply: int) -> None:
+        """A new reply starts: count what is heard from here."""
+
+    def room_s(self) -> float:
+        """Seconds of audio the player can take now (the worker waits while it is too little)."""
+
+    def write(self, samples: np.ndarray) -> None:
+        """Queue reply audio (n,) float32 at 24 kHz."""
+
+    def end_reply(self) -> None:
+        """No more audio is coming for this reply."""
+
+    def stop(self) -> int | None:
+        """Barge-in: drop queued audio now. Returns the samples heard, or None when the player
+        learns that only later (it then reports it through `progress` with finished=True)."""
+
+    def progress(self) -> Progress:
+        """The current reply's progress (may lag: a browser reports playback after the fact)."""
+
+
+class ReplyGate:
+    """Which reply may still reach the player (its `generation`), and the lock that makes a stop
+    and the worker's writes atomic."""
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.lock = threading.Lock()
+
+
+# ---- commands and what comes back ------------------------------------------------------------
+@dataclass(frozen=True)
+class Feed:
+    samples: np.ndarray  # (n,) float32, 16 kHz
+
+
+@dataclass(frozen=True)
+class EndTurn:
+    reply: int  # the generation this reply may play under
+
+
+@dataclass(frozen=True)
+class Truncate:
+    turn: int
+    heard_samples: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+Command = Feed | EndTurn | Truncate | Stop
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    reply: int
+    event: Event
+
+
+@dataclass(frozen=True)
+class ReplyDone:
+    reply: int
+
+
+@dataclass(frozen=True)
+class Truncated:
+    turn: int
+    heard_samples: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+Output = EngineOutput | ReplyDone | Truncated | Failed
+
+
+class InlineWorker:
+    """Runs each command at once on the caller's thread; outputs wait in `outputs`."""
+
+    def __init__(self, conversation: Conversation, player: Player, gate: ReplyGate):
+        self.conversation, self.player, self.gate = conversation, player, gate
+        self.outputs: queue.Queue[Output] = queue.Queue()
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        pass
+
+    def submit(self, command: Command) -> None:
+        self._execute(command)
+
+    def join(self, timeout: float | None = None) -> None:
+        pass
+
+    def _execute(self, command: Command) -> bool:
+        """Run one command; False once told to stop."""
+        if isinstance(command, Stop):
+            return False
+        if isinstance(command, Feed):
+            self.conversation.feed(command.samples)
+        elif isinstance(command, Truncate):
+            text = self.conversation.truncate(command.heard_samples)
+            self.outputs.put(Truncated(command.turn, command.heard_samples, text))
+        elif isinstance(command, EndTurn):
+            self._reply(command.reply)
+        return True
+
+    def _reply(self, reply: int) -> None:
+        for event in self.conversation.end_turn():
+            if isinstance(event, AudioPacket):
+                self._play(event.samples, reply)
+            self.outputs.put(EngineOutput(reply, event))
+        with self.gate.lock:
+            if reply == self.gate.generation:
+                self.player.end_reply()
+        self.outputs.put(ReplyDone(reply))
+
+    def _play(self, samples: np.ndarray, reply: int) -> None:
+        needed_s = len(samples) / OUTPUT_SAMPLE_RATE
+        while self.player.room_s() < needed_s and not self.stopping.is_set():
+            if reply != self.gate.generation:
+                return
+            time.sleep(OUTPUT_WAIT_S)
+        with self.gate.lock:
+            if reply == self.gate.generation:
+                self.player.write(samples)
+
+
+class Worker(InlineWorker):
+    """The same commands on a thread of their own; an exception ends it and comes out as Failed."""
+
+    def __init__(self, conversation: Conversation, player: Player, gate: ReplyGate):
+        super().__init__(conversation, player, gate)
+        self.commands: queue.Queue[Command] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="duplex-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, command: Command) -> None:
+        self.commands.put(command)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        try:
+            while self._execute(self.commands.get()):
+                pass
+        except Exception as exc:  # the session's thread re-raises it with its traceback
+            self.outputs.put(Failed(exc))
