@@ -81,6 +81,7 @@ class ScriptedConversation:
         self._cancel.clear()
         self._log("end_turn", fed)
         reply = self.replies[min(turn, len(self.replies) - 1)]
+        self._last = reply
         yield TurnStarted(turn, fed / 16_000)
         time.sleep(self.first_packet_s)
         yield StageTimings(turn, first_packet=self.first_packet_s * 1000.0, prefill=5.0)
@@ -113,8 +114,13 @@ class ScriptedConversation:
         self._cancel.set()
 
     def truncate(self, heard_samples: int) -> str:
+        """The words of the last reply in the part heard (its words spread evenly over its audio)."""
         self._log("truncate", heard_samples)
-        return ""
+        if self._last is None:
+            return ""
+        words = self._last.words
+        kept = -(-len(words) * min(heard_samples, len(self._last.audio)) // len(self._last.audio))
+        return " ".join(words[:kept])
 
     def discard_turn(self) -> None:
         self._fed = 0
@@ -124,6 +130,7 @@ class ScriptedConversation:
         self._log("reset")
 
     _heard: int = 0
+    _last: Reply | None = None
 
 
 def factory_for(conversation: ScriptedConversation):
