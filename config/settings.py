@@ -20,6 +20,7 @@ from .errors import DuplexError
 ENV_PREFIX = "SCA_"
 DTYPES = ("float16", "bfloat16", "float32", "auto")
 VOICES = ("Ethan", "Chelsie", "Aiden")
+QUANTIZE_MODES = ("none", "int8", "int4", "fp8")  # weights quantized while loading
 
 
 def _choices(*allowed: str) -> dict:
@@ -54,6 +55,7 @@ class QwenSettings:
     device_map: str = field(metadata={"nonempty": True})
     torch_dtype: str = field(metadata=_choices(*DTYPES))
     load_in_8bit: bool = field(metadata={})
+    quantize: str = field(metadata=_choices(*QUANTIZE_MODES))
     voice: str = field(metadata=_choices(*VOICES))
     system_prompt: str = field(metadata={})
     decoder: str = field(metadata=_choices("auto", "fast", "eager"))
@@ -294,6 +296,12 @@ def _check_relations(s: Settings) -> None:
         raise DuplexError(
             f"Bad config: vad.neg_threshold ({s.vad.neg_threshold}, from "
             f"{s.sources['vad.neg_threshold']}) must not exceed vad.threshold ({s.vad.threshold})."
+        )
+    if s.qwen.load_in_8bit and s.qwen.quantize != "none":
+        raise DuplexError(
+            f"Bad config: qwen.load_in_8bit (from {s.sources['qwen.load_in_8bit']}) and "
+            f"qwen.quantize = {s.qwen.quantize} (from {s.sources['qwen.quantize']}) both quantize "
+            "the weights; choose one (qwen.quantize saves far more)."
         )
     if s.qwen.load_in_8bit and s.qwen.device_map == "cpu":
         raise DuplexError(

@@ -27,6 +27,8 @@ ModelOpt = typer.Option(None, "--model", help="Hub id or local checkpoint direct
 DtypeOpt = typer.Option(None, "--dtype", help="float16, bfloat16, float32 or auto \\[qwen.torch_dtype].")
 DeviceMapOpt = typer.Option(None, "--device-map", help="cuda, cuda:N, cpu or auto \\[qwen.device_map].")
 Int8Opt = typer.Option(None, "--load-in-8bit/--no-load-in-8bit", help="8-bit weights \\[qwen.load_in_8bit].")
+QuantizeOpt = typer.Option(None, "--quantize",
+                           help="none, int8, int4 or fp8: round the weights while loading \\[qwen.quantize].")
 VoiceOpt = typer.Option(None, "--voice", help="Ethan, Chelsie or Aiden \\[qwen.voice].")
 SystemOpt = typer.Option(None, "--system-prompt", help="The assistant's instructions \\[qwen.system_prompt].")
 GreedyOpt = typer.Option(None, "--greedy/--sample", help="Deterministic decoding \\[qwen.greedy].")
@@ -49,12 +51,14 @@ def settings_from(config: Optional[Path], **flags: Any) -> Settings:
     return load_settings(config_file=config, overrides=given, flag_names=FLAG_NAMES)
 
 
-def model_flags(model, dtype, device_map, int8, voice=None, system_prompt=None, greedy=None) -> dict:
+def model_flags(model, dtype, device_map, int8, quantize, voice=None, system_prompt=None,
+                greedy=None) -> dict:
     return {
         "qwen.model_id": model,
         "qwen.torch_dtype": dtype,
         "qwen.device_map": device_map,
         "qwen.load_in_8bit": int8,
+        "qwen.quantize": quantize,
         "qwen.voice": voice,
         "qwen.system_prompt": system_prompt,
         "qwen.greedy": greedy,
@@ -68,12 +72,13 @@ def check(
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     load_in_8bit: Optional[bool] = Int8Opt,
+    quantize: Optional[str] = QuantizeOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Can this machine run duplex-chat? Lists what is ready and what to fix."""
     from .check import run_check
 
-    settings = settings_from(config, **model_flags(model, dtype, device_map, load_in_8bit))
+    settings = settings_from(config, **model_flags(model, dtype, device_map, load_in_8bit, quantize))
     raise typer.Exit(run_check(settings, json_out=json_out))
 
 
@@ -86,6 +91,7 @@ def replay(
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     load_in_8bit: Optional[bool] = Int8Opt,
+    quantize: Optional[str] = QuantizeOpt,
     voice: Optional[str] = VoiceOpt,
     system_prompt: Optional[str] = SystemOpt,
     greedy: Optional[bool] = GreedyOpt,
@@ -95,7 +101,8 @@ def replay(
     """Play a recorded conversation in as if spoken; print, time and save the replies."""
     from .replay import run_replay
 
-    flags = model_flags(model, dtype, device_map, load_in_8bit, voice, system_prompt, greedy)
+    flags = model_flags(model, dtype, device_map, load_in_8bit, quantize, voice, system_prompt,
+                        greedy)
     settings = settings_from(config, **flags)
     raise typer.Exit(run_replay(settings, file, out=out, stock=stock, json_out=json_out))
 
@@ -107,6 +114,7 @@ def talk(
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
     load_in_8bit: Optional[bool] = Int8Opt,
+    quantize: Optional[str] = QuantizeOpt,
     voice: Optional[str] = VoiceOpt,
     system_prompt: Optional[str] = SystemOpt,
     greedy: Optional[bool] = GreedyOpt,
@@ -121,7 +129,8 @@ def talk(
     """Talk with the model through your microphone and speaker."""
     from .talk import run_talk
 
-    flags = model_flags(model, dtype, device_map, load_in_8bit, voice, system_prompt, greedy)
+    flags = model_flags(model, dtype, device_map, load_in_8bit, quantize, voice, system_prompt,
+                        greedy)
     flags.update({
         "audio.input_device": input_device,
         "audio.output_device": output_device,
@@ -140,6 +149,7 @@ def bench(
     model: Optional[str] = ModelOpt,
     dtype: Optional[str] = DtypeOpt,
     device_map: Optional[str] = DeviceMapOpt,
+    quantize: Optional[str] = QuantizeOpt,
     random_weights: bool = typer.Option(False, "--random-weights",
                                         help="Full-size model from the release config, random weights."),
     turns: int = typer.Option(8, "--turns", min=1,
@@ -148,14 +158,20 @@ def bench(
     reply_seconds: float = typer.Option(10.0, "--reply-seconds", min=0.5, help="Reply audio per turn."),
     no_baseline: bool = typer.Option(False, "--no-baseline", help="Skip the stock generate() run."),
     verify: bool = typer.Option(False, "--verify", help="Check fast vs eager path agreement."),
+    memory_limit_gib: Optional[float] = typer.Option(
+        None, "--memory-limit-gib", min=1.0,
+        help="Let torch allocate at most this much, as on a smaller card (23 for a 24 GB one)."),
+    layout: Optional[str] = typer.Option(
+        None, "--layout", help="With --random-weights: a published checkpoint's quantization "
+        "(community-awq: int4 groups of 32, talker bf16)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Measure the engine on this GPU against the targets (and stock generate())."""
     from .bench import run_bench
 
-    settings = settings_from(config, **model_flags(model, dtype, device_map, None))
+    settings = settings_from(config, **model_flags(model, dtype, device_map, None, quantize))
     raise typer.Exit(run_bench(settings, random_weights, turns, user_seconds, reply_seconds,
-                               not no_baseline, verify, json_out))
+                               not no_baseline, verify, json_out, memory_limit_gib, layout))
 
 
 def main(argv: list[str] | None = None) -> None:
