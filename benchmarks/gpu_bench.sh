@@ -30,7 +30,7 @@ wait_for_tests() {  # the tests' own timeout ends them; this only guards against
 # keeps the script's exit status (the bench's 3 for a missed target, say) whatever grep finds
 trap 'rc=$?; wait; [ -z "${TESTS:-}" ] || grep -v DEBUG "$OUT/tests.txt" | tail -25 || true; exit $rc' EXIT
 if [ -n "${TESTS:-}" ]; then
-    (timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py \
+    (timeout "${TESTS_TIMEOUT:-400}" python3 -m pytest -q -p no:cacheprovider -m gpu ${TESTS_FILES:-tests/} \
         > "$OUT/tests.txt" 2>&1 || echo "tests exit $?" >> "$OUT/tests.txt"; touch "$done_file") &
 else
     touch "$done_file"
@@ -60,10 +60,16 @@ if [ -n "${PROFILE:-}" ]; then  # compiles beside the tests, times after them
     grep -E "^(GPU over|host CUDA|a reply unprofiled|engine's talker|talker alone)" "$OUT/profile.txt" || true
 fi
 [ "${BENCH:-1}" = 1 ] || exit 0
+# The GPU memory the process holds as nvidia-smi shows it (allocator cache and CUDA context
+# included), sampled every 250 ms through the bench; its maximum is printed at the end.
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/smi.txt" &
+smi=$!
 status=0
 timeout "${BENCH_TIMEOUT:-540}" python3 -m duplex_chat.cli.app bench --random-weights --json "$@" \
     > "$OUT/bench.json" 2> "$OUT/bench.err" || status=$?
 echo "bench exit $status"
+kill $smi 2>/dev/null || true
+echo "nvidia-smi peak: $(sort -n "$OUT/smi.txt" | tail -1) MiB (memory.used, whole GPU)"
 tail -5 "$OUT/bench.err"
 [ -s "$OUT/bench.json" ] || exit 1
 python3 - "$OUT/bench.json" <<'PY'

@@ -25,7 +25,8 @@ LABELS = {
 
 
 def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: float,
-              reply_s: float, baseline: bool, verify: bool, json_out: bool) -> int:
+              reply_s: float, baseline: bool, verify: bool, json_out: bool,
+              memory_limit_gib: float | None = None, layout: str | None = None) -> int:
     import torch
 
     from duplex_chat.model import bench
@@ -37,9 +38,28 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
         raise DuplexError("bench measures the GPU path and needs CUDA (qwen.device_map is cpu).")
     settings = settings.replace("qwen", max_reply_seconds=reply_s,
                                 max_reply_tokens=max(8, int(reply_s * 4)))
+    if memory_limit_gib is not None:
+        total = torch.cuda.get_device_properties(device).total_memory / 1024**3
+        if memory_limit_gib > total:
+            raise DuplexError(f"--memory-limit-gib {memory_limit_gib:g} is more than this GPU's "
+                              f"{total:.1f} GiB.")
+        # what a smaller card leaves: the allocator refuses more than this (out of memory)
+        torch.cuda.set_per_process_memory_fraction(memory_limit_gib / total, device)
+    if layout is not None and (not random_weights or layout not in bench.LAYOUTS):
+        raise DuplexError(f"--layout {layout}: layouts are {', '.join(bench.LAYOUTS)}, and only "
+                          "with --random-weights (a real checkpoint brings its own).")
     if random_weights:
+        from duplex_chat.model.quant.formats import MODES
+
+        scheme = MODES.get(settings.qwen.quantize)
+        schemes = None if scheme is None else {"thinker": scheme, "talker": scheme}
+        if layout is not None:
+            if scheme is not None:
+                raise DuplexError(f"--layout {layout} is a quantization itself; drop --quantize.")
+            schemes = bench.LAYOUTS[layout]
         err.print("[dim]building the full-size model with random weights[/]")
-        bundle = bench.random_weights_bundle(device, resolve_dtype(settings.qwen.torch_dtype, {}))
+        bundle = bench.random_weights_bundle(device, resolve_dtype(settings.qwen.torch_dtype, {}),
+                                             schemes=schemes)
     else:
         bundle = load_model(settings.qwen, progress=lambda m: err.print(f"[dim]{m}[/]"))
     err.print(f"[dim]model ready in {bundle.load_seconds:.1f} s; {turns} turns after 2 warm-up[/]")
@@ -51,6 +71,9 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
         "python": platform.python_version(),
         "model": bundle.source,
         "dtype": str(bundle.dtype).removeprefix("torch."),
+        "quantize": settings.qwen.quantize,
+        "layout": layout,
+        "memory_limit_gib": memory_limit_gib,
         "user_s": user_s, "reply_s": reply_s, "turns": turns,
         "command": "duplex-chat " + " ".join(sys.argv[1:]),
     }
@@ -81,7 +104,8 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
         render(Console(), report)
     if stopped:
         return 130
-    met = all(_met(name, report["engine"][name]["median"]) for name in bench.TARGETS)
+    goals = bench.targets(report["layout"] or report["quantize"])
+    met = all(_met(goals[name], report["engine"][name]["median"]) for name in goals)
     return 0 if met else 3
 
 
@@ -108,28 +132,28 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _met(name: str, value: float) -> bool:
-    from duplex_chat.model.bench import TARGETS
-
-    return value == value and value <= TARGETS[name]
+def _met(target: float, value: float) -> bool:
+    return value == value and value <= target
 
 
-def _verdict(name: str, median: float) -> str:
+def _verdict(target: float, median: float) -> str:
     """'met', or by how much the median misses its target."""
-    from duplex_chat.model.bench import TARGETS
-
-    if _met(name, median):
+    if _met(target, median):
         return "[green]met[/]"
     if median != median:
         return "[red]not measured[/]"
-    over = max(1, round(100 * (median / TARGETS[name] - 1)))  # at least 1 %, never "by 0 %"
+    over = max(1, round(100 * (median / target - 1)))  # at least 1 %, never "by 0 %"
     return f"[red]missed by {over} %[/]"
 
 
 def render(console: Console, report: dict) -> None:
-    from duplex_chat.model.bench import TARGETS
+    from duplex_chat.model.bench import targets
 
-    table = Table(title=f"duplex-chat bench — {report['gpu']}, {report['dtype']}, "
+    # reports from before quantization have neither key
+    mode = report.get("layout") or report.get("quantize") or "none"
+    goals = targets(mode)
+    weights = report["dtype"] + ("" if mode == "none" else f", {mode}")
+    table = Table(title=f"duplex-chat bench — {report['gpu']}, {weights}, "
                         f"torch {report['torch']}, transformers {report['transformers']}")
     for column in ("metric", "median", "p90", "stock generate()", "target", ""):
         table.add_column(column, justify="left" if column == "metric" else "right")
@@ -141,8 +165,8 @@ def render(console: Console, report: dict) -> None:
             f"{label}" + (f" ({unit})" if unit else ""),
             _fmt(value["median"]), _fmt(value["p90"]),
             _fmt(base) if base is not None else "—",
-            f"≤ {_fmt(TARGETS[name])}",
-            _verdict(name, value["median"]),
+            f"≤ {_fmt(goals[name])}",
+            _verdict(goals[name], value["median"]),
         )
     console.print(table)
     if "peak_growth_gib" in report["engine"]:

@@ -17,6 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .quant import kernels
+from .quant.formats import QuantWeight
+from .quant.modules import quant_weight, quantize_module
+
 BUCKETS = (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)  # attention lengths with graphs
 TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64)  # input sizes with graphs (shorter inputs are padded)
 PAD_ROOM = TOKEN_BUCKETS[-1]  # cache rows past capacity that padded prefills may write
@@ -75,9 +79,23 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x (n, K) times w (N, K) transposed -> (n, N). w is a plain weight, or a `QuantWeight`
+    run by the dequantising kernels (the weights never exist in 16 bit)."""
+    if isinstance(w, QuantWeight):
+        return kernels.quant_linear(x, w.data, w.scale, w.zero, _kernel_group(w))
+    return F.linear(x, w)
+
+
+def _kernel_group(w: QuantWeight) -> int:
+    """The kernels' `group` argument: the group size, the FP8 block's width, or 0 per channel."""
+    s = w.scheme
+    return s.block[1] if s.block is not None else (s.group_size or 0)
+
+
 def _route(x, router, top_k: int, norm_topk: bool):
     """x: (n, H) -> routing weights (n, k) in x's dtype and expert ids (n, k)."""
-    probs = torch.softmax(F.linear(x, router).float(), dim=-1)  # (n, E)
+    probs = torch.softmax(linear(x, router).float(), dim=-1)  # (n, E)
     # A one-block sort of 128 values and a slice: one kernel where topk takes two.
     weights, index = torch.sort(probs, dim=-1, descending=True)
     weights, index = weights[:, :top_k], index[:, :top_k]
@@ -120,6 +138,21 @@ def moe_gather(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
     return (out * weights[..., None]).sum(1)
 
 
+def moe_quant(x, router, w_gate_up: QuantWeight, w_down: QuantWeight, top_k: int,
+              norm_topk: bool):
+    """Routed experts with quantized weights, any number of tokens: the kernels read only the
+    chosen experts (one GEMV per token and slot for a few tokens, a grouped GEMM sorted by expert
+    for many). Shapes as `moe_gather`."""
+    weights, index = _route(x, router, top_k, norm_topk)
+    gate_up = kernels.quant_moe(x, index, w_gate_up.data, w_gate_up.scale, w_gate_up.zero,
+                                _kernel_group(w_gate_up))  # (n, k, 2I)
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = F.silu(gate) * up  # (n, k, I)
+    out = kernels.quant_moe(hidden, index, w_down.data, w_down.scale, w_down.zero,
+                            _kernel_group(w_down))  # (n, k, H)
+    return (out * weights[..., None]).sum(1)
+
+
 def moe_dense(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
     """Many tokens through the experts: every expert on every token (one batched GEMM each way),
     weighted by the sparse routing. Reads each expert once, whatever the routing, and has fixed
@@ -133,8 +166,8 @@ def moe_dense(x, router, w_gate_up, w_down, top_k: int, norm_topk: bool):
 
 
 def _dense_mlp(x, gate_up, down):
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)
 
 
 def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe: bool,
@@ -146,7 +179,7 @@ def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe:
     layer of the same shapes."""
     n, hd = x.shape[0], kv.shape[-1]
     h = _rms(x, w["ln1"], w["eps"])
-    q, k, v = F.linear(h, w["wqkv"]).split(w["qkv_split"], dim=-1)
+    q, k, v = linear(h, w["wqkv"]).split(w["qkv_split"], dim=-1)
     q = _rms(q.reshape(n, -1, hd), w["qn"], w["eps"]).transpose(0, 1)  # (Hq, n, hd)
     k = _rms(k.reshape(n, -1, hd), w["kn"], w["eps"]).transpose(0, 1)  # (Hkv, n, hd)
     v = v.reshape(n, -1, hd).transpose(0, 1)
@@ -161,24 +194,32 @@ def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe:
             q[None], keys[None, :, :attend], values[None, :, :attend], attn_mask=mask,
             scale=w["scaling"], enable_gqa=True)  # (1, Hq, n, hd)
         att = att[0].transpose(0, 1).reshape(n, -1)  # (n, Hq * hd)
-    x = x + F.linear(att, w["wo"])
+    x = x + linear(att, w["wo"])
     h = _rms(x, w["ln2"], w["eps"])
     if "router" in w:
-        moe = moe_dense if dense_moe else moe_gather
+        if isinstance(w["w_gate_up"], QuantWeight):
+            moe = moe_quant
+        else:
+            moe = moe_dense if dense_moe else moe_gather
         out = moe(h, w["router"], w["w_gate_up"], w["w_down"], w["top_k"], w["norm_topk"])
         if "shared_gate" in w:
-            out = out + torch.sigmoid(F.linear(h, w["shared_gate"])) * _dense_mlp(
+            out = out + torch.sigmoid(linear(h, w["shared_gate"])) * _dense_mlp(
                 h, w["s_gate_up"], w["s_down"])
     else:
         out = _dense_mlp(h, w["m_gate_up"], w["m_down"])
     return x + out
 
 
-def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
-    """One weight for several linears that read the same input: (sum of outputs, in).
+def _fuse(*linears: torch.nn.Linear):
+    """One weight for several linears that read the same input: (sum of outputs, in), a tensor
+    or, for quantized linears, a `QuantWeight` (rows are independent in every layout, so the
+    packed data, scales and zero points are simply stacked).
 
     The modules' own weights become views into it, so the model (and transformers' eager
     path) keeps working and no memory is spent twice."""
+    quantized = [quant_weight(m) for m in linears]
+    if any(q is not None for q in quantized):
+        return _fuse_quantized(linears, quantized)
     cached = getattr(linears[0], "_duplex_fused", None)
     if cached is not None and all(m.weight.data_ptr() == cached[0].data_ptr() + i
                                   for m, i in zip(linears, cached[1])):
@@ -195,6 +236,42 @@ def _fuse(*linears: torch.nn.Linear) -> torch.Tensor:
     return fused
 
 
+def _fuse_quantized(linears, quantized: list) -> QuantWeight:
+    from duplex_chat.config import DuplexError
+
+    schemes = {None if q is None else (q.scheme, q.scale.dtype) for q in quantized}
+    if len(schemes) != 1:
+        raise DuplexError(
+            "Linears that read one input are quantized differently ("
+            + ", ".join(f"{type(m).__name__}: {'16-bit' if q is None else q.scheme.describe()}"
+                        for m, q in zip(linears, quantized))
+            + "); the fast decoder needs them alike.", hint="Use --decoder eager.")
+    cached = getattr(linears[0], "_duplex_fused", None)
+    if isinstance(cached, QuantWeight) and all(q.data._base is cached.data for q in quantized):
+        return cached  # fused by an earlier stack over the same model
+    parts = ("data", "scale", "zero")
+    fused = QuantWeight(scheme=quantized[0].scheme, **{
+        p: None if getattr(quantized[0], p) is None else torch.cat([getattr(q, p) for q in quantized])
+        for p in parts})
+    row = 0
+    for m, q in zip(linears, quantized):
+        rows = q.data.shape[0]
+        view = QuantWeight(scheme=q.scheme, **{
+            p: None if getattr(fused, p) is None else getattr(fused, p)[row:row + rows]
+            for p in parts})
+        quantize_module(m, {"weight": view}, m._quant_dtype)
+        row += rows
+    linears[0]._duplex_fused = fused
+    return fused
+
+
+def _weight(module: torch.nn.Module, name: str = "weight"):
+    """module.<name> as the fast path reads it: the `QuantWeight` when quantized (never the
+    dequantizing property), else the tensor."""
+    quantized = quant_weight(module, name)
+    return quantized if quantized is not None else getattr(module, name)
+
+
 def _layer_tensors(layer: torch.nn.Module) -> dict:
     """The weights `run_layer` needs, by name. Linears that share an input are fused into one
     GEMV (q/k/v; gate/up), because at one token each kernel costs its launch, not its bytes."""
@@ -207,19 +284,19 @@ def _layer_tensors(layer: torch.nn.Module) -> dict:
         "wqkv": _fuse(attn.q_proj, attn.k_proj, attn.v_proj),
         "qkv_split": (attn.q_proj.out_features, attn.k_proj.out_features,
                       attn.v_proj.out_features),
-        "wo": attn.o_proj.weight, "qn": attn.q_norm.weight, "kn": attn.k_norm.weight,
+        "wo": _weight(attn.o_proj), "qn": attn.q_norm.weight, "kn": attn.k_norm.weight,
         "scaling": attn.scaling,
     }
     if hasattr(mlp, "experts"):
-        w.update(router=mlp.gate.weight, w_gate_up=mlp.experts.gate_up_proj,
-                 w_down=mlp.experts.down_proj, top_k=mlp.gate.top_k,
+        w.update(router=_weight(mlp.gate), w_gate_up=_weight(mlp.experts, "gate_up_proj"),
+                 w_down=_weight(mlp.experts, "down_proj"), top_k=mlp.gate.top_k,
                  norm_topk=mlp.gate.norm_topk_prob)
         if getattr(mlp, "shared_expert", None) is not None:
             se = mlp.shared_expert
-            w.update(shared_gate=mlp.shared_expert_gate.weight,
-                     s_gate_up=_fuse(se.gate_proj, se.up_proj), s_down=se.down_proj.weight)
+            w.update(shared_gate=_weight(mlp.shared_expert_gate),
+                     s_gate_up=_fuse(se.gate_proj, se.up_proj), s_down=_weight(se.down_proj))
     else:
-        w.update(m_gate_up=_fuse(mlp.gate_proj, mlp.up_proj), m_down=mlp.down_proj.weight)
+        w.update(m_gate_up=_fuse(mlp.gate_proj, mlp.up_proj), m_down=_weight(mlp.down_proj))
     return w
 
 
@@ -237,7 +314,8 @@ class FastStack:
         self.weights = [_layer_tensors(layer) for layer in lm.layers]
         self.norm = lm.norm
         first = lm.layers[0].self_attn
-        weight = first.q_proj.weight
+        # the norm's weight: a quantized projection's `.weight` would dequantize the whole matrix
+        weight = lm.norm.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.hidden = first.q_proj.in_features
         kv_heads = first.k_proj.out_features // first.head_dim

@@ -9,8 +9,8 @@ model's, part by part, and the release config's total is the 35.26 B that DESIGN
 needs: the weights of every part but the vision tower (voice chat never loads images), stored as
 `qwen.quantize` (or a pre-quantized checkpoint's own `quantization_config`) stores them, plus a
 working margin (KV caches of the size the settings give them, `cache_for(qwen_settings)`, and a
-workspace). `ROUNDED_AT_LOAD` / `rounded_at_load(name)` is THE rule for which weights
-quantize-at-load rounds; model/loading.py applies the same rule. `CARDS` / `fits_cards(bytes)` say which common
+workspace). `rounded_at_load(name)` is the one rule for which weights
+quantize-at-load rounds; model/quant/load.py applies it. `CARDS` / `fits_cards(bytes)` say which common
 GPUs an estimate fits, `context_that_fits` the longest `max_context_tokens` a budget allows.
 
 `hub_cache_status(model_id)` says whether a model is a local directory or sits complete in the
@@ -62,19 +62,33 @@ ACTIVATION_WORKSPACE_BYTES = 2 * 1024**3  # prefill activations, MoE buffers, cu
 # included), the talker's `text_projection` / `hidden_projection`, code2wav, the vision tower.
 # Scales run along the input dimension (the last one): one per output row (int8, fp8) or one per
 # group of `group_size` inputs of a row (int4).
-ROUNDED_AT_LOAD = re.compile(
-    r"^(thinker\.model\.language_model|talker\.model)\.layers\.\d+\."
-    r"(self_attn\.[qkvo]_proj\.weight"
+# The decoder-layer weights quantize-at-load rounds, by their name inside a layer: attention
+# projections, routed experts (fused 3-D), shared experts and dense MLPs. Not the routers
+# (`mlp.gate`, `mlp.shared_expert_gate`) or norms: tiny, and the routing decides which experts
+# run at all. model/quant/load.py rounds by this rule; the sizes here count by it.
+ROUNDED_IN_LAYER = re.compile(
+    r"^(self_attn\.[qkvo]_proj\.weight"
     r"|mlp\.experts\.(gate_up_proj|down_proj)"
     r"|mlp\.shared_expert\.(gate|up|down)_proj\.weight"
     r"|mlp\.(gate|up|down)_proj\.weight)$"
 )
+# The thinker's and the talker's decoder layers (the thinker's text model sits at
+# `thinker.model` in transformers 5.17, at `thinker.model.language_model` later); the code
+# predictor's layers are not among them.
+DECODER_LAYER = re.compile(r"^(thinker\.model(\.language_model)?|talker\.model)\.layers\.\d+\.")
+
+
+def rounded_in_layer(name: str) -> bool:
+    """Whether quantize-at-load rounds a decoder layer's parameter `name` (relative to the
+    layer, e.g. "self_attn.q_proj.weight")."""
+    return ROUNDED_IN_LAYER.match(name) is not None
 
 
 def rounded_at_load(name: str) -> bool:
     """Whether quantize-at-load rounds the parameter `name` (a `named_parameters()` name of
-    `Qwen3OmniMoeForConditionalGeneration` in this transformers version)."""
-    return ROUNDED_AT_LOAD.match(name) is not None
+    `Qwen3OmniMoeForConditionalGeneration`)."""
+    layer = DECODER_LAYER.match(name)
+    return layer is not None and rounded_in_layer(name[layer.end():])
 
 
 @dataclass(frozen=True)

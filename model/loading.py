@@ -172,14 +172,24 @@ def load_model(settings: QwenSettings, progress: Progress | None = None) -> Mode
     device = resolve_device(settings.device_map)
     dtype = resolve_dtype(settings.torch_dtype, raw_config)
     config = Qwen3OmniMoeConfig.from_pretrained(source)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if settings.load_in_8bit:
-        kwargs["quantization_config"] = _int8_config(device)
-    if device.type == "cuda":
-        kwargs["device_map"] = _device_map(config, device)
-    _say(progress, f"loading {source.name} ({str(dtype).removeprefix('torch.')}, {device})")
+    scheme, ct = weight_quantization(settings, raw_config, device)
+    device_map = _device_map(config, device) if device.type == "cuda" else None
+    how = f"{str(dtype).removeprefix('torch.')}, {device}"
+    how += f", {(scheme or ct).describe()}" if (scheme or ct) is not None else ""
+    _say(progress, f"loading {source.name} ({how})")
     try:
-        model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(source, config=config, **kwargs)
+        if scheme is not None or ct is not None:
+            from .quant.load import load_quantized
+
+            model = load_quantized(source, config, dtype, device, scheme, ct, device_map, progress)
+        else:
+            kwargs: dict[str, Any] = {"dtype": dtype}
+            if settings.load_in_8bit:
+                kwargs["quantization_config"] = _int8_config(device)
+            if device_map is not None:
+                kwargs["device_map"] = device_map
+            model = Qwen3OmniMoeForConditionalGeneration.from_pretrained(source, config=config,
+                                                                         **kwargs)
     except torch.OutOfMemoryError:
         raise _oom_error(device, settings, raw_config) from None
     _drop_vision(model)
@@ -201,6 +211,51 @@ def _drop_vision(model) -> None:
     remove_hook_from_module(model, recurse=True)
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
+
+
+def fp8_problem(device: torch.device) -> str | None:
+    """Why FP8 weights cannot run on `device`, or None if they can."""
+    if device.type != "cuda":
+        return f"FP8 weights need a CUDA GPU of compute capability 8.9 or newer, not {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_MIN_CAPABILITY:
+        return (f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+                f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}")
+    return None
+
+
+def weight_quantization(settings: QwenSettings, raw_config: dict, device: torch.device):
+    """(scheme to quantize with while loading, or None; the checkpoint's own compressed-tensors
+    quantization, or None). Refuses combinations that cannot work, in one sentence each."""
+    from .quant import compressed
+    from .quant.formats import MODES
+
+    ct = compressed.read_scheme(raw_config)
+    scheme = MODES.get(settings.quantize)
+    if ct is not None and scheme is not None:
+        raise DuplexError(f"The checkpoint is already quantized ({ct.describe()}); "
+                          f"qwen.quantize = {settings.quantize} cannot quantize it again.",
+                          hint="Drop --quantize / SCA_QWEN_QUANTIZE for this checkpoint.")
+    if ct is not None and settings.load_in_8bit:
+        raise DuplexError(f"The checkpoint is already quantized ({ct.describe()}); "
+                          "qwen.load_in_8bit cannot quantize it again.",
+                          hint="Drop --load-in-8bit for this checkpoint.")
+    from .quant.kernels import FP8_BLOCK
+
+    odd_blocks = [g for g in (ct.groups if ct is not None else ())
+                  if g.scheme.block not in (None, (FP8_BLOCK, FP8_BLOCK))]
+    if odd_blocks:
+        raise DuplexError(f"The checkpoint's FP8 weights use {odd_blocks[0].describe()}; "
+                          f"duplex-chat's kernels read blocks of {FP8_BLOCK}x{FP8_BLOCK} only.")
+    uses_fp8 = (scheme is not None and scheme.kind == "float") or (
+        ct is not None and any(g.scheme.kind == "float" for g in ct.groups))
+    problem = fp8_problem(device) if uses_fp8 else None
+    if problem is not None:
+        raise DuplexError(f"{problem}.", hint="Use --quantize int8 or int4 on this GPU.")
+    return scheme, ct
+
+
 def _int8_config(device: torch.device):
     if device.type != "cuda":  # e.g. device_map auto on a machine without a GPU
         raise DuplexError(
@@ -219,9 +274,13 @@ def _int8_config(device: torch.device):
 
 def _oom_error(device: torch.device, settings: QwenSettings, config: dict) -> DuplexError:
     free, total = torch.cuda.mem_get_info(device)
-    need = gpu_bytes(config, settings.torch_dtype, settings.load_in_8bit, cache_for(settings)) / GIB
+    need = gpu_bytes(config, settings.torch_dtype, settings.load_in_8bit, cache_for(settings),
+                     quantize=settings.quantize) / GIB
+    smaller = {"none": "try --quantize int8 (48 GB cards) or int4 (24-32 GB cards)",
+               "int8": "try --quantize int4", "fp8": "try --quantize int4"}.get(
+        settings.quantize, "lower qwen.max_context_tokens")
     return DuplexError(
         f"Out of GPU memory while loading: the model needs about {need:.0f} GiB, "
         f"{device} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB.",
-        hint="Close other GPU programs, try --load-in-8bit, or use a larger GPU.",
+        hint=f"Close other GPU programs, {smaller}, or use a larger GPU.",
     )

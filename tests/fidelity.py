@@ -217,12 +217,13 @@ class Compared:
 
 
 def judged_turn(conv, settings, audio, history_mels, replies, chunk=4000, already_fed=0,
-                **run) -> Compared:
+                reference_bundle=None, **run) -> Compared:
     """Run one turn of `conv` judged against generate() on the same conversation: the earlier
     turns' mels `history_mels` with their replies `replies`, then `audio`, of which the caller
-    fed the first `already_fed` samples already."""
+    fed the first `already_fed` samples already. generate() runs on `reference_bundle` if given
+    (the same weights held differently), else on the conversation's own model."""
     features = [*history_mels, mel_of(audio)]
-    ref = reference(conv.bundle, settings, features, replies, conv.max_frames)
+    ref = reference(reference_bundle or conv.bundle, settings, features, replies, conv.max_frames)
     judge = Judge(conv, ref)
     try:
         ids, wave, events = run_turn(conv, audio[already_fed:], chunk, **run)

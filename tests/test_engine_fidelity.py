@@ -92,13 +92,15 @@ def test_three_turns_equal_generate(any_tiny, decoder):
     assert_turns_match_reference(conv, settings, [(2.4, 2), (1.7, 3), (1.2, 4)])
 
 
-def assert_turns_match_reference(conv, settings, turns: list[tuple[float, int]]) -> None:
+def assert_turns_match_reference(conv, settings, turns: list[tuple[float, int]],
+                                 reference_bundle=None) -> None:
     """Turns of (seconds, seed) synthetic voice, each reply judged against generate() on the
-    whole conversation so far."""
+    whole conversation so far (on `reference_bundle` if given)."""
     mels, replies = [], []
     for seconds, seed in turns:
         audio = user_audio(seconds, seed)
-        turn = judged_turn(conv, settings, audio, mels, replies)
+        turn = judged_turn(conv, settings, audio, mels, replies,
+                           reference_bundle=reference_bundle)
         assert_same_reply(conv, turn)
         mels.append(mel_of(audio))
         replies.append(list(turn.events[-1].token_ids))

@@ -191,7 +191,7 @@ def test_out_of_memory_says_needed_free_and_what_to_try(monkeypatch, tiny_checkp
     assert "Out of GPU memory" in message
     assert "needs about 2 GiB" in message  # tiny weights + the fixed working margin
     assert "3.0 GiB free of 80.0 GiB" in message
-    assert "--load-in-8bit" in message and "larger GPU" in message
+    assert "--quantize int8" in message and "int4" in message and "larger GPU" in message
     # Everything was placed on the GPU but the vision tower, which waits on the CPU to be dropped.
     placement = seen["device_map"]
     assert placement["thinker.model.visual"] == "cpu"
