@@ -1,13 +1,18 @@
 """`duplex-chat replay FILE`: a recorded conversation played in as if spoken.
 
-The file is read block by block (a one-hour file never sits in memory whole), cut into 320 ms
-chunks and run through the same voice-activity detector as `talk`. While the user speaks, the
-chunks go to the conversation (the streaming engine, or stock `generate()` with `--stock`); when
-the detector ends the turn, the reply streams back. The model is loaded only once speech is found.
+This file is the file loop and the timeline writer around `duplex_chat.session`, the same
+turn-taking `talk` uses. The file is read block by block (a one-hour file never sits in memory
+whole) and fed to the session in 320 ms chunks; the conversation is the streaming engine, or
+stock `generate()` with `--stock`, loaded only once speech is found.
 
-`--out` writes a stereo wav at 24 kHz on the input's timeline: the input on the left, each reply on
-the right from the moment its first packet was ready (end-of-turn detection + measured latency),
-later packets no earlier than they were made. Latency can be read off it in any audio editor.
+The session runs on a virtual clock, the file's own time (session/virtual.py): each reply starts
+MODELED_FIRST_PACKET_S after its end of turn was detected and plays at real time, whatever this
+machine's speed, so a replay gives the same result on every run. The file keeps playing in while
+a reply "plays": speech over it barges in, the reply is cut where it was heard, and the history
+keeps only that.
+
+`--out` writes a stereo wav at 24 kHz on the input's timeline: the input on the left, each reply
+on the right where it would have sounded, cut where the user barged in.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from rich.console import Console
@@ -25,21 +30,21 @@ from rich.console import Console
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, frames_to_samples
 from duplex_chat.audio.files import audio_info, iter_audio_blocks
 from duplex_chat.audio.resample import StreamResampler
-from duplex_chat.audio.vad import SpeechEnded, SpeechStarted, VoiceActivity
 from duplex_chat.config import DuplexError, Settings
-from duplex_chat.model.events import (
-    AudioPacket,
-    Event,
-    HistoryTrimmed,
+from duplex_chat.model.events import Event, HistoryTrimmed, StageTimings, TextDelta
+from duplex_chat.model.protocol import Conversation
+from duplex_chat.session import (
+    EngineEvent,
+    HistoryCut,
     Interrupted,
-    StageTimings,
-    TextDelta,
-    TurnFinished,
-    TurnStarted,
+    ReplyFinished,
+    SessionEvent,
+    Session,
+    TurnCommitted,
+    VirtualPlayer,
 )
 
 BLOCK_S = 30.0  # seconds read from the file at a time
-RECENT_SLACK_S = 2.0  # audio kept beyond pre-roll for a turn's start, seconds
 
 
 @dataclass
@@ -53,7 +58,9 @@ class TurnRecord:
     text: str = ""
     stages: dict = field(default_factory=dict)
     reply_start_s: float | None = None  # first reply sample on the timeline
-    reply_samples: int = 0
+    reply_samples: int = 0  # reply samples heard (all of it, unless interrupted)
+    interrupted_s: float | None = None  # when the user barged in, if they did
+    heard_text: str | None = None  # what history kept of an interrupted reply
 
 
 class ReplyTimeline:
@@ -65,7 +72,6 @@ class ReplyTimeline:
         self._left = StreamResampler(SAMPLE_RATE, OUTPUT_SAMPLE_RATE)
         self._written = 0  # frames written so far
         self._right: list[tuple[int, np.ndarray]] = []  # (start frame, samples) not yet written
-        self._cursor = 0  # where the next reply packet may start at the earliest
         if path is not None:
             import soundfile as sf
 
@@ -74,13 +80,14 @@ class ReplyTimeline:
             except (sf.LibsndfileError, OSError) as exc:
                 raise DuplexError(f"Cannot write {path}: {exc}.") from None
 
-    def place(self, samples: np.ndarray, ready_s: float) -> int:
-        """Schedule reply samples that were ready at `ready_s`; returns their start frame."""
-        start = max(self._cursor, int(round(ready_s * OUTPUT_SAMPLE_RATE)))
-        self._cursor = start + samples.shape[0]
+    def place(self, start: int, samples: np.ndarray) -> None:
+        """Reply samples (n,) that sound from output frame `start` on (24 kHz)."""
         if self._writer is not None:
             self._right.append((start, samples))
-        return start
+
+    def cut(self, end: int) -> None:
+        """Nothing of the replies placed sounds from frame `end` on (a barge-in stopped it)."""
+        self._right = [(start, x[:max(0, end - start)]) for start, x in self._right if start < end]
 
     def input(self, block: np.ndarray) -> None:
         """Append input audio (16 kHz) to the left channel, writing what is complete."""
@@ -134,6 +141,10 @@ class Printer:
         s = record.stages
         latency = (record.reply_start_s - record.end_s) if record.reply_start_s is not None else None
         parts = [f"latency {latency * 1000:.0f} ms" if latency is not None else "no audio"]
+        if record.interrupted_s is not None:
+            parts.append(f"interrupted at {_clock(record.interrupted_s)} after "
+                         f"{record.reply_samples / OUTPUT_SAMPLE_RATE:.1f} s, kept "
+                         f"{record.heard_text!r}")
         for key, label, unit in (("first_token", "first token", "ms"),
                                  ("first_packet", "first packet", "ms"),
                                  ("thinker_ms_per_token", "thinker", "ms/token"),
@@ -167,7 +178,8 @@ class JsonPrinter:
     def turn_finished(self, r: TurnRecord) -> None:
         latency = None if r.reply_start_s is None else r.reply_start_s - r.end_s
         self._emit(event="turn_finished", turn=r.index, text=r.text, latency_s=latency,
-                   reply_start_s=r.reply_start_s, reply_samples=r.reply_samples, stages=r.stages)
+                   reply_start_s=r.reply_start_s, reply_samples=r.reply_samples,
+                   interrupted_s=r.interrupted_s, heard_text=r.heard_text, stages=r.stages)
 
     def note(self, message: str) -> None:
         self._emit(event="note", message=message)
@@ -182,101 +194,98 @@ def _clock(seconds: float) -> str:
     return f"{int(minutes):02d}:{rest:04.1f}"
 
 
-class ReplaySession:
-    """Drives VAD and a conversation over a stream of 16 kHz chunks."""
+class LazyConversation:
+    """A Conversation opened on first use: the model is loaded only once speech is found."""
 
-    def __init__(self, settings: Settings, open_conversation: Callable[[], object], printer,
-                 timeline: ReplyTimeline):
-        self.settings = settings
+    def __init__(self, open_conversation: Callable[[], Conversation]):
         self._open = open_conversation
-        self.conversation = None
-        self.printer = printer
-        self.timeline = timeline
-        self.vad = VoiceActivity(settings.vad)
+        self._conversation: Conversation | None = None
+
+    @property
+    def opened(self) -> Conversation:
+        if self._conversation is None:
+            self._conversation = self._open()
+        return self._conversation
+
+    def feed(self, samples: np.ndarray) -> None:
+        self.opened.feed(samples)
+
+    def end_turn(self) -> Iterator[Event]:
+        return self.opened.end_turn()
+
+    def cancel(self, heard_samples: int) -> None:
+        if self._conversation is not None:  # nothing to stop before the model exists
+            self._conversation.cancel(heard_samples)
+
+    def truncate(self, heard_samples: int) -> str:
+        return self.opened.truncate(heard_samples)
+
+    def discard_turn(self) -> None:
+        if self._conversation is not None:
+            self._conversation.discard_turn()
+
+    def reset(self) -> None:
+        if self._conversation is not None:
+            self._conversation.reset()
+
+
+class ReplaySession:
+    """The file loop around a `Session` on a virtual clock (duplex_chat.session.virtual): feeds
+    it 16 kHz chunks in order and turns its events into TurnRecords, printed lines and the
+    timeline."""
+
+    def __init__(self, settings: Settings, open_conversation: Callable[[], Conversation], printer,
+                 timeline: ReplyTimeline, vad_model=None):
+        self.printer, self.timeline = printer, timeline
         self.records: list[TurnRecord] = []
-        self._recent = np.zeros(0, np.float32)  # the latest audio, for pre-roll
-        self._recent_start = 0  # absolute index of _recent[0]
-        self._in_turn = False
-        self._turn_start = 0
-        self._position = 0  # samples processed
+        self.player = VirtualPlayer(lambda: self.session.now, timeline)
+        # Echo cancellation and its checks are for a live speaker: a file has no echo path.
+        self.session = Session(settings, LazyConversation(open_conversation), self.player,
+                               self._on_event, vad_model=vad_model, threaded=False)
 
     def process(self, chunk: np.ndarray) -> None:
         """One chunk (n,) at 16 kHz, in order."""
+        self.session.hear(chunk)  # first: a reply it places may start inside this chunk
         self.timeline.input(chunk)
-        self._remember(chunk)
-        end = self._position + chunk.shape[0]
-        fed_to = self._position
-        for event in self.vad.feed(chunk):
-            if isinstance(event, SpeechStarted):
-                self._start_turn(event)
-                fed_to = self._feed_range(event.audio_start_index, end)
-            elif isinstance(event, SpeechEnded):
-                if self._in_turn:
-                    self._feed_range(fed_to, end)
-                    self._end_turn(event, detected=end)
-                    fed_to = end
-        if self._in_turn and fed_to < end:
-            self._feed_range(fed_to, end)
-        self._position = end
 
     def finish(self) -> None:
-        for event in self.vad.finish():
-            if isinstance(event, SpeechEnded) and self._in_turn:
-                self._end_turn(event, detected=self._position)
+        """End of the file: close an open turn and let the last reply play out."""
+        self.session.finish()
+        self.player.run_out()
+        self.session.hear(np.zeros(0, np.float32))
         self.timeline.close()
 
-    def _remember(self, chunk: np.ndarray) -> None:
-        # Speech start is reported min_speech_ms after the onset, and the turn starts pre_roll_ms
-        # before it: keep that much plus slack.
-        vad = self.settings.vad
-        keep = int(SAMPLE_RATE * ((vad.pre_roll_ms + vad.min_speech_ms) / 1000 + RECENT_SLACK_S))
-        self._recent = np.concatenate([self._recent, chunk])
-        if self._recent.shape[0] > keep:
-            drop = self._recent.shape[0] - keep
-            self._recent = self._recent[drop:]
-            self._recent_start += drop
+    def _on_event(self, event: SessionEvent) -> None:
+        if isinstance(event, TurnCommitted):
+            record = TurnRecord(event.turn, event.start_sample / SAMPLE_RATE,
+                                event.end_sample / SAMPLE_RATE, event.sample / SAMPLE_RATE)
+            self.records.append(record)
+            self.printer.turn_started(record)
+        elif isinstance(event, EngineEvent) and event.current:
+            self._engine_event(self.records[-1], event.event)
+        elif isinstance(event, Interrupted):
+            self.records[-1].interrupted_s = event.sample / SAMPLE_RATE
+        elif isinstance(event, (ReplyFinished, HistoryCut)):
+            self._reply_over(event)
 
-    def _feed_range(self, start: int, end: int) -> int:
-        lo = max(start, self._recent_start) - self._recent_start
-        hi = end - self._recent_start
-        if hi > lo:
-            self.conversation.feed(self._recent[lo:hi])
-        return end
-
-    def _start_turn(self, event: SpeechStarted) -> None:
-        if self.conversation is None:
-            self.conversation = self._open()
-        self._in_turn = True
-        self._turn_start = event.audio_start_index
-
-    def _end_turn(self, event: SpeechEnded, detected: int) -> None:
-        self._in_turn = False
-        record = TurnRecord(len(self.records), self._turn_start / SAMPLE_RATE,
-                            event.sample_index / SAMPLE_RATE, detected / SAMPLE_RATE)
-        self.records.append(record)
-        self.printer.turn_started(record)
-        started = time.perf_counter()
-        for item in self.conversation.end_turn():
-            self._on_event(record, item, started)
-        self.printer.turn_finished(record)
-
-    def _on_event(self, record: TurnRecord, event: Event, started: float) -> None:
-        if isinstance(event, TextDelta):
-            if event.text:
-                record.text += event.text
-                self.printer.text(event.text)
-        elif isinstance(event, AudioPacket) and event.samples.size:
-            ready = record.detected_s + (time.perf_counter() - started)
-            start = self.timeline.place(event.samples, ready)
-            if record.reply_start_s is None:
-                record.reply_start_s = start / OUTPUT_SAMPLE_RATE
-            record.reply_samples += event.samples.shape[0]
+    def _engine_event(self, record: TurnRecord, event: Event) -> None:
+        if isinstance(event, TextDelta) and event.text:
+            record.text += event.text
+            self.printer.text(event.text)
         elif isinstance(event, StageTimings):
             record.stages = {k: round(v, 3) for k, v in event.stages.items()}
         elif isinstance(event, HistoryTrimmed):
             self.printer.note(f"dropped the {event.dropped_turns} oldest turn(s) to fit the context")
-        elif isinstance(event, (TurnStarted, TurnFinished, Interrupted)):
-            pass
+
+    def _reply_over(self, event: ReplyFinished | HistoryCut) -> None:
+        """The reply played out, or was cut (HistoryCut follows the barge-in at once here)."""
+        record = self.records[event.turn]
+        record.reply_samples = event.heard_samples
+        if event.heard_samples and self.player.start is not None:
+            record.reply_start_s = self.player.start / OUTPUT_SAMPLE_RATE
+        if isinstance(event, HistoryCut):
+            record.heard_text = event.text
+        self.printer.turn_finished(record)
 
 
 def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: bool = False,

@@ -22,8 +22,8 @@ from duplex_chat.config import DuplexError, default_config_text, load_settings
 from duplex_chat.config.settings import FIXED_AUDIO_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "audio", "config", "duplex_cli", "model")
-REPO_DIR_NAMES = ("model", "audio", "config", "duplex_cli")  # must never be import names
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "audio", "config", "duplex_cli", "model", "session")
+REPO_DIR_NAMES = ("model", "audio", "config", "duplex_cli", "session")  # must never be import names
 
 
 def write_config(path: Path, text: str) -> Path:
