@@ -252,7 +252,9 @@ def weight_quantization(settings: QwenSettings, raw_config: dict, device: torch.
         ct is not None and any(g.scheme.kind == "float" for g in ct.groups))
     problem = fp8_problem(device) if uses_fp8 else None
     if problem is not None:
-        raise DuplexError(f"{problem}.", hint="Use --quantize int8 or int4 on this GPU.")
+        hint = ("Use --quantize int8 or int4." if ct is None else
+                "Use an int8 or int4 checkpoint, or the 16-bit release with --quantize int8 or int4.")
+        raise DuplexError(f"{problem}.", hint=hint)
     return scheme, ct
 
 

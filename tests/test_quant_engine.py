@@ -134,7 +134,7 @@ def test_fp8_refused_on_an_ampere_gpu(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA RTX A6000")
     message = load_error(tiny_checkpoint, quantize="fp8", device_map="cuda")
-    assert "RTX A6000 is 8.6" in message and "--quantize int8 or int4" in message
+    assert "RTX A6000 is 8.6" in message and "--quantize int8 or int4." in message
 
 
 def test_quantize_and_load_in_8bit_are_one_choice():
