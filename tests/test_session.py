@@ -1,0 +1,226 @@
+"""The session on scripted audio and a scripted conversation: no devices, no model, no wall clock.
+
+Speech is noise at speech level and the VAD a level detector (LevelVad), so every decision lands
+on a known 32 ms window. Replies play on the session's own clock (VirtualPlayer), so a reply's
+timing follows the audio fed, not the machine.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, VAD_WINDOW_SAMPLES
+from duplex_chat.config import load_settings
+from duplex_chat.model.events import Interrupted as EngineInterrupted
+from duplex_chat.model.events import TurnFinished
+from duplex_chat.session import MODELED_FIRST_PACKET_S, Progress, Session, VirtualPlayer
+from duplex_chat.session import events as ev
+
+from .fake_engine import Reply, ScriptedConversation, chirp
+
+W = VAD_WINDOW_SAMPLES
+PRE_ROLL = int(0.3 * SAMPLE_RATE)  # [vad] pre_roll_ms, default
+REPLY_S = 2.0
+WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+class LevelVad:
+    """A VAD stand-in: speech wherever a window's RMS exceeds 0.01."""
+
+    def prob(self, window: np.ndarray) -> float:
+        return 0.9 if np.sqrt(np.mean(np.square(window))) > 0.01 else 0.0
+
+    def reset(self) -> None:
+        pass
+
+
+def speech(seconds: float, seed: int = 0) -> np.ndarray:
+    return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * SAMPLE_RATE), np.float32)
+
+
+class Harness:
+    """A session with a scripted conversation, a virtual player and a list of its events."""
+
+    def __init__(self, threaded: bool = False, player_class=VirtualPlayer, echo=None, realtime_factor=0.0,
+                 reply_s: float = REPLY_S):
+        settings = load_settings(environ={})
+        self.conversation = ScriptedConversation([Reply(chirp(reply_s), WORDS)], first_packet_s=0.0,
+                                                 realtime_factor=realtime_factor)
+        self.events: list = []
+        self.player = player_class(lambda: self.session.now)
+        self.session = Session(settings, self.conversation, self.player, self.events.append,
+                               vad_model=LevelVad(), echo=echo,
+                               raw_vad=LevelVad() if echo else None, threaded=threaded)
+        self.session.start()
+
+    def hear(self, *parts: np.ndarray, played: np.ndarray | None = None, chunk: int = 160) -> None:
+        """Feed in 10 ms chunks, as talk's loop does."""
+        mic = np.concatenate(parts)
+        for i in range(0, len(mic), chunk):
+            self.session.hear(mic[i:i + chunk], None if played is None else played[i:i + chunk])
+
+    def of(self, kind) -> list:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    def calls(self, name: str) -> list:
+        return [a for _, a in self.conversation.called(name)]
+
+
+def test_onset_end_of_turn_and_pre_roll():
+    h = Harness()
+    h.hear(silence(1.0), speech(1.0), silence(1.0))
+    (started,) = h.of(ev.UserSpeechStarted)
+    onset = SAMPLE_RATE // W * W  # the first window holding speech
+    assert started.onset_sample == onset and started.turn_start == onset - PRE_ROLL
+    (committed,) = h.of(ev.TurnCommitted)
+    assert committed.start_sample == onset - PRE_ROLL  # the pre-roll is part of the turn
+    assert abs(committed.end_sample - 2 * SAMPLE_RATE) < W
+    assert committed.sample - committed.end_sample == pytest.approx(0.6 * SAMPLE_RATE, abs=W)
+    # Everything from the pre-roll to the decision was fed, then the reply asked for.
+    assert h.calls("end_turn") == [committed.sample - committed.start_sample]
+    assert sum(h.calls("feed")) == committed.sample - committed.start_sample
+
+
+def test_two_turns_back_to_back_with_their_latency():
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(3.0), speech(1.0, seed=1), silence(3.0))
+    committed = h.of(ev.TurnCommitted)
+    assert [c.turn for c in committed] == [0, 1]
+    assert [f.turn for f in h.of(ev.ReplyFinished)] == [0, 1]
+    assert all(f.heard_samples == REPLY_S * OUTPUT_SAMPLE_RATE for f in h.of(ev.ReplyFinished))
+    for c, audible in zip(committed, h.of(ev.ReplyAudible)):
+        expected_ms = 1000 * ((c.sample - c.end_sample) / SAMPLE_RATE + MODELED_FIRST_PACKET_S)
+        assert audible.latency_ms == pytest.approx(expected_ms, abs=0.1)
+    assert h.of(ev.Interrupted) == [] and h.calls("truncate") == []
+
+
+def test_barge_in_after_the_reply_finished_generating_cuts_history_to_what_was_heard():
+    """The inline worker generates the whole reply at once (the engine is faster than real
+    time): cancel is too late, truncate cuts the history."""
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    assert h.of(ev.ReplyAudible)
+    assert any(isinstance(e.event, TurnFinished) for e in h.of(ev.EngineEvent))
+    h.hear(speech(1.0, seed=1), silence(1.0))
+    (interrupted,) = h.of(ev.Interrupted)
+    start = h.of(ev.TurnCommitted)[0].sample * 3 // 2 + MODELED_FIRST_PACKET_S * OUTPUT_SAMPLE_RATE
+    assert interrupted.heard_samples == interrupted.sample * 3 // 2 - start
+    assert interrupted.sample - interrupted.onset_sample == 2 * W  # the 64 ms fast path
+    assert h.calls("cancel") == [interrupted.heard_samples]
+    assert h.calls("truncate") == [interrupted.heard_samples]
+    (cut,) = h.of(ev.HistoryCut)
+    kept = -(-len(WORDS) * interrupted.heard_samples // int(REPLY_S * OUTPUT_SAMPLE_RATE))
+    assert cut.text == " ".join(WORDS[:kept]) and kept < len(WORDS)
+    # The truncate came before any audio of the interrupting turn was fed.
+    calls = [name for _, name, _ in h.conversation.calls]
+    assert calls.index("truncate") < len(calls) - 1 - calls[::-1].index("feed")
+    assert calls[calls.index("truncate") - 1] == "cancel"
+    # The new turn keeps the speech that interrupted, with its pre-roll.
+    second = h.of(ev.TurnCommitted)[1]
+    assert second.start_sample == interrupted.onset_sample - PRE_ROLL
+    assert h.of(ev.ReplyFinished) == []  # the first reply never finished; the second still plays
+
+
+def test_a_cough_shorter_than_the_barge_in_window_does_not_interrupt():
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    align = np.zeros(-h.session.now % W, np.float32)  # the cough fills exactly one VAD window
+    h.hear(align, speech(W / SAMPLE_RATE, seed=2), silence(2.0))  # 32 ms
+    assert h.of(ev.Interrupted) == [] and len(h.of(ev.ReplyFinished)) == 1
+
+
+def test_a_longer_cough_interrupts_then_the_session_listens_again():
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    h.hear(speech(3 * W / SAMPLE_RATE, seed=2), silence(2.0))  # 96 ms: over the window
+    assert len(h.of(ev.Interrupted)) == 1 and len(h.of(ev.BargeInLapsed)) == 1
+    assert len(h.of(ev.TurnCommitted)) == 1  # no turn: shorter than min_speech_ms
+
+
+class PassThroughEcho:
+    """An echo canceller that has not learnt the echo path yet: it leaves the mic as it is."""
+
+    def process(self, mic: np.ndarray, played: np.ndarray) -> np.ndarray:
+        return mic
+
+
+@pytest.mark.parametrize("user_speaks", [False, True], ids=["echo-only", "user"])
+def test_barge_in_with_echo_checks(user_speaks):
+    """With echo cancellation on, the reply's own echo (a delayed copy of what played) never
+    interrupts it, while the user's voice over it does."""
+    h = Harness(echo=PassThroughEcho())
+    h.hear(silence(0.5), speech(1.0), silence(0.8))
+    played = speech(1.5, seed=3)  # what the speaker plays meanwhile (16 kHz)
+    delay = int(0.1 * SAMPLE_RATE)
+    mic = 0.5 * np.concatenate([np.zeros(delay, np.float32), played[:-delay]])
+    if user_speaks:
+        mic[int(0.5 * SAMPLE_RATE):int(1.0 * SAMPLE_RATE)] += speech(0.5, seed=4)
+    h.hear(mic.astype(np.float32), played=played)
+    assert bool(h.of(ev.Interrupted)) == user_speaks
+
+
+def test_cancel_while_generating_passes_the_heard_samples():
+    """A threaded worker still generating at real time: the barge-in cancels it with what was
+    heard, and the engine's own Interrupted follows."""
+    h = Harness(threaded=True, realtime_factor=1.0, reply_s=5.0)
+    h.hear(silence(0.5), speech(1.0), silence(0.8))
+    _wait(lambda: h.player.samples > 0)  # the first packet is out
+    h.hear(silence(0.5), speech(0.3, seed=1))
+    (interrupted,) = h.of(ev.Interrupted)
+    assert interrupted.heard_samples > 0
+    assert h.calls("cancel") == [interrupted.heard_samples]
+    _wait(lambda: (h.hear(silence(0.01)), h.of(ev.HistoryCut))[1])
+    engine = [e.event for e in h.of(ev.EngineEvent) if isinstance(e.event, EngineInterrupted)]
+    assert [e.heard_samples for e in engine] == [interrupted.heard_samples]
+    assert h.calls("truncate") == [interrupted.heard_samples]
+    h.session.close()
+
+
+class LatePlayer(VirtualPlayer):
+    """A player that learns what was heard only after the fact (a browser): `stop` says nothing,
+    `report` delivers it later."""
+
+    reported: Progress | None = None
+
+    def stop(self):
+        super().stop()
+        return None
+
+    def progress(self) -> Progress:
+        if self.stopped:
+            return self.reported or Progress(self.reply, 0, False)
+        return super().progress()
+
+
+def test_heard_reported_late():
+    h = Harness(player_class=LatePlayer)
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    h.hear(speech(0.5, seed=1))
+    (interrupted,) = h.of(ev.Interrupted)
+    assert interrupted.heard_samples is None
+    fed_before = len(h.calls("feed"))
+    h.hear(speech(0.3, seed=1))
+    # Nothing of the new turn is fed, nor is history cut, until the player reports.
+    assert len(h.calls("feed")) == fed_before and h.calls("truncate") == []
+    h.player.reported = Progress(h.player.reply, 12_345, True)
+    h.hear(speech(0.2, seed=1), silence(1.0))
+    assert h.calls("truncate") == [12_345]
+    assert h.of(ev.HistoryCut)[0].heard_samples == 12_345
+    calls = [name for _, name, _ in h.conversation.calls]
+    assert "feed" in calls[calls.index("truncate"):]  # then the new turn was fed, whole
+    second = h.of(ev.TurnCommitted)[1]
+    assert h.calls("end_turn")[1] == second.sample - second.start_sample
+
+
+def _wait(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
