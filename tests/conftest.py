@@ -3,11 +3,19 @@ through the same path as a real one."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
-from duplex_chat.config import load_settings
-from duplex_chat.model.tiny import SHAPES, build_tiny_checkpoint
+# Without a GPU the Triton kernels (model/quant/kernels.py) run through Triton's interpreter, so
+# their tests and the fast decoder's quantized path test the kernels themselves. The variable
+# must be set before triton is first imported (torch's inductor imports it), so here, first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from duplex_chat.config import load_settings  # noqa: E402
+from duplex_chat.model.tiny import SHAPES, build_tiny_checkpoint  # noqa: E402
 
 # Two cores in CI: more threads than that only adds contention.
 torch.set_num_threads(min(2, torch.get_num_threads()))
