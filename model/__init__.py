@@ -7,6 +7,8 @@ Modules (import them directly; this package imports nothing heavy on its own):
   listener    audio -> log-mel -> encoder windows -> audio embeddings, as generate() encodes them.
   streams     thinker and talker as growing-cache decoders; `fast` is their CUDA-graph path.
   vocoder     code2wav as a stateful stream, exact against one-piece decoding.
+  graphs      `CapturedCall`, the one CUDA-graph capture helper (decoder stacks and vocoder).
+  quant       quantized weights: formats, checkpoint reading, quantize at load, Triton kernels.
   sampling    per-stage token choice, as generate() makes it.
   reference   transformers' own generate() on a whole conversation: the engine's reference and
               `replay --stock`.

@@ -194,7 +194,7 @@ class TalkerStream(_StackUser):
             self._seen[code0] = True
             return self.residual_codes(state, code0, predictor_sample)
         if self._frame_graph is None:
-            from .fast import CapturedCall
+            from .graphs import CapturedCall
 
             self._frame_graph = CapturedCall(self._frame_body(talker_sample, predictor_sample),
                                              (logits, state), preserve=(self._seen,))

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graphs import CapturedCall
+
 # Waveform range the one-piece forward clamps to.
 WAV_MIN, WAV_MAX = -1.0, 1.0
 
@@ -295,12 +297,11 @@ class _SlidingTransformer:
 
 
 class _Captured:
-    """One CUDA graph of a push of a fixed number of frames, with its static input and output."""
+    """One CUDA graph of a push of a fixed number of frames, and the transposed convs' start
+    drops that push leaves (host state, which a replay does not update)."""
 
-    def __init__(self, codes: torch.Tensor, graph: torch.cuda.CUDAGraph, wav: torch.Tensor,
-                 drops_after: tuple[int, ...]):
-        self.codes, self.graph, self.wav = codes, graph, wav
-        self.drops_after = drops_after  # each transposed conv's start drop after this push
+    def __init__(self, call: CapturedCall, drops_after: tuple[int, ...]):
+        self.call, self.drops_after = call, drops_after
 
 
 class StreamingVocoder:
@@ -406,35 +407,26 @@ class StreamingVocoder:
         captured = self._graphs.get(key)
         if captured is None:
             captured = self._graphs[key] = self._capture(codes)
-        captured.codes.copy_(codes)
-        captured.graph.replay()
+        (wav,) = captured.call(codes)
         for stage, after in zip(self._trans_convs, captured.drops_after):
             stage.to_drop = after
-        return captured.wav.clone()
+        return wav.clone()
 
     def _capture(self, codes: torch.Tensor) -> _Captured:
         """Capture `_decode` for this packet size; the state is left as it was."""
-        state = self._state_buffers()
-        saved = [buffer.clone() for buffer in state]
         drops = [stage.to_drop for stage in self._trans_convs]
-        static_codes = _new_state(tuple(codes.shape), codes)
-        static_codes.copy_(codes)
-        side = torch.cuda.Stream(device=self._device)
-        side.wait_stream(torch.cuda.current_stream(self._device))
-        with torch.cuda.stream(side):
-            self._decode(static_codes)  # warm-up: lazy inits, cuDNN/cuBLAS handles and workspaces
-        torch.cuda.current_stream(self._device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        for stage, drop in zip(self._trans_convs, drops):
-            stage.to_drop = drop
-        with torch.cuda.graph(graph):
-            wav = self._decode(static_codes)
+
+        def decode(static_codes: torch.Tensor) -> tuple[torch.Tensor]:
+            for stage, drop in zip(self._trans_convs, drops):  # every run starts where this push does
+                stage.to_drop = drop
+            return (self._decode(static_codes),)
+
+        call = CapturedCall(decode, (codes,), warmup=1, preserve=tuple(self._state_buffers()),
+                            device=self._device)
         drops_after = tuple(stage.to_drop for stage in self._trans_convs)
-        for buffer, value in zip(state, saved):
-            buffer.copy_(value)
         for stage, drop in zip(self._trans_convs, drops):
             stage.to_drop = drop
-        return _Captured(static_codes, graph, wav, drops_after)
+        return _Captured(call, drops_after)
 
     def _state_buffers(self) -> list[torch.Tensor]:
         """Every tensor a push updates in place."""
