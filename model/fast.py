@@ -213,8 +213,9 @@ def run_layer(x, positions, cos, sin, mask, kv, w: dict, attend: int, dense_moe:
 
 def _fuse(*linears: torch.nn.Linear):
     """One weight for several linears that read the same input: (sum of outputs, in), a tensor
-    or, for quantized linears, a `QuantWeight` (rows are independent in every layout, so the
-    packed data, scales and zero points are simply stacked).
+    or, for quantized linears, a `QuantWeight` (rows are independent in every layout but FP8
+    blocks, so the packed data, scales and zero points are simply stacked; FP8 blocks must not
+    straddle two linears).
 
     The modules' own weights become views into it, so the model (and transformers' eager
     path) keeps working and no memory is spent twice."""
@@ -244,9 +245,16 @@ def _fuse_quantized(linears, quantized: list) -> QuantWeight:
     if len(schemes) != 1:
         raise DuplexError(
             "Linears that read one input are quantized differently ("
-            + ", ".join(f"{type(m).__name__}: {'16-bit' if q is None else q.scheme.describe()}"
+            + ", ".join(f"{m.out_features} rows {'16-bit' if q is None else q.scheme.describe()}"
                         for m, q in zip(linears, quantized))
-            + "); the fast decoder needs them alike.", hint="Use --decoder eager.")
+            + "); the fast decoder needs them alike.",
+            hint='Set qwen.decoder = "eager" (SCA_QWEN_DECODER=eager) for this checkpoint.')
+    block = quantized[0].scheme.block
+    if block is not None and any(q.shape[0] % block[0] for q in quantized[:-1]):
+        raise DuplexError(
+            f"Linears that read one input have {[q.shape[0] for q in quantized]} rows, not whole "
+            f"{block[0]}-row FP8 blocks, so their scales cannot be fused.",
+            hint='Set qwen.decoder = "eager" (SCA_QWEN_DECODER=eager) for this checkpoint.')
     cached = getattr(linears[0], "_duplex_fused", None)
     if isinstance(cached, QuantWeight) and all(q.data._base is cached.data for q in quantized):
         return cached  # fused by an earlier stack over the same model

@@ -241,13 +241,16 @@ def weight_quantization(settings: QwenSettings, raw_config: dict, device: torch.
         raise DuplexError(f"The checkpoint is already quantized ({ct.describe()}); "
                           "qwen.load_in_8bit cannot quantize it again.",
                           hint="Drop --load-in-8bit for this checkpoint.")
-    from .quant.kernels import FP8_BLOCK
+    from .quant.kernels import FP8_BLOCK, GROUP_SIZES
 
-    odd_blocks = [g for g in (ct.groups if ct is not None else ())
-                  if g.scheme.block not in (None, (FP8_BLOCK, FP8_BLOCK))]
-    if odd_blocks:
-        raise DuplexError(f"The checkpoint's FP8 weights use {odd_blocks[0].describe()}; "
-                          f"duplex-chat's kernels read blocks of {FP8_BLOCK}x{FP8_BLOCK} only.")
+    for group in ct.groups if ct is not None else ():
+        s = group.scheme
+        if s.block not in (None, (FP8_BLOCK, FP8_BLOCK)) or (
+                s.group_size is not None and s.group_size not in GROUP_SIZES):
+            raise DuplexError(
+                f"The checkpoint's weights use {group.describe()}; duplex-chat's kernels take "
+                f"groups of {', '.join(map(str, GROUP_SIZES))} and FP8 blocks of "
+                f"{FP8_BLOCK}x{FP8_BLOCK} only.", hint="Use a checkpoint quantized with one of those.")
     uses_fp8 = (scheme is not None and scheme.kind == "float") or (
         ct is not None and any(g.scheme.kind == "float" for g in ct.groups))
     problem = fp8_problem(device) if uses_fp8 else None

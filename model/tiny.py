@@ -138,13 +138,17 @@ def init_talker_moe(talker) -> None:
     keep whatever `torch.empty` memory held (tiny denormals, now and then NaN). Models built
     from a config (the tiny test model, `bench --random-weights`) need them drawn; checkpoints
     carry their own."""
+    from .quant.modules import quant_weight
+
     std = getattr(talker.config, "initializer_range", 0.02)
     with torch.no_grad():
         for layer in talker.model.layers:
             mlp = layer.mlp
             if hasattr(mlp, "experts"):
-                for weight in (mlp.gate.weight, mlp.experts.gate_up_proj, mlp.experts.down_proj):
-                    weight.normal_(0.0, std)
+                mlp.gate.weight.normal_(0.0, std)
+                if quant_weight(mlp.experts, "gate_up_proj") is None:  # quantized: drawn already
+                    mlp.experts.gate_up_proj.normal_(0.0, std)
+                    mlp.experts.down_proj.normal_(0.0, std)
 
 
 # How far `make_lifelike` moves a fresh model from transformers' initialisation.

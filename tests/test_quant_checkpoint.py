@@ -158,10 +158,11 @@ def test_quantized_routers_load_as_16_bit_weights(checkpoints, tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def int4_plain(loaded):
+def int4_plain(loaded, tiny_checkpoint):
     from .test_quant_engine import dequantized_copy
 
-    return dequantized_copy(loaded("int4_g32"))
+    # the unquantized checkpoint it was made from, with the library-compressed weights written in
+    return dequantized_copy(loaded("int4_g32"), tiny_checkpoint)
 
 
 @pytest.mark.parametrize("decoder", ["eager", "fast"])

@@ -11,8 +11,6 @@ kernels' CPU path) agree with them up to the order of summation.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -38,23 +36,20 @@ def load_tiny_quantized(checkpoint, scheme: Scheme) -> ModelBundle:
         return load_model(tiny_settings(checkpoint, quantize="int4").qwen)
 
 
-def dequantized_copy(bundle: ModelBundle) -> ModelBundle:
-    """An ordinary model (nn.Linear weights, fused expert Parameters) holding `bundle`'s
-    quantized weights dequantized to float32: what generate() on those weights means."""
-    model = copy.deepcopy(bundle.model)
-    for module in model.modules():
-        schemes = getattr(module, "_quant_schemes", None)
-        if not schemes:
-            continue
-        values = {name: quant_weight(module, name).dequantize(torch.float32) for name in schemes}
-        module.__class__ = module._quant_original
-        for name, value in values.items():
-            for part in ("data", "scale", "zero"):
-                del module._buffers[f"_q_{name}_{part}"]
-            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-        del module._quant_schemes
-    assert not quantized_schemes(model)
-    return ModelBundle(model, bundle.tokenizer, bundle.source, bundle.device, bundle.dtype, 0.0)
+def dequantized_copy(bundle: ModelBundle, checkpoint=None) -> ModelBundle:
+    """An ordinary model holding `bundle`'s quantized weights dequantized to float32: what
+    generate() on those weights means. It is the checkpoint loaded by transformers alone (no
+    layer-by-layer loading, no config changes) with those weights written in by name, so a
+    loader that put a weight in the wrong place, or left the config changed, differs from it."""
+    base = load_model(tiny_settings(checkpoint or bundle.source).qwen)
+    quantized = quantized_schemes(bundle.model)
+    assert quantized and not quantized_schemes(base.model)
+    with torch.no_grad():
+        for name in quantized:
+            module_name, _, leaf = name.rpartition(".")
+            value = quant_weight(bundle.model.get_submodule(module_name), leaf)
+            base.model.get_parameter(name).copy_(value.dequantize(torch.float32))
+    return base
 
 
 @pytest.fixture(scope="module")

@@ -278,6 +278,16 @@ def test_layout_errors():
         kernels.quant_linear(torch.randn(1, 320), fp8, fp8_scale, None, None)
 
 
+@pytest.mark.parametrize("group", [96, 256])
+def test_group_sizes_the_tiles_cannot_hold_are_refused(group):
+    """Groups of 96 would be read with the wrong scales (a tile straddles groups) and groups of
+    256 overflow the GEMV's tile: refused, not run wrong."""
+    data = torch.randint(-128, 128, (8, 768), dtype=torch.int8)
+    scale = torch.rand(8, 768 // group) + 0.5
+    with pytest.raises(ValueError, match=f"group size {group}"):
+        kernels.quant_linear(torch.randn(1, 768), data, scale, None, group)
+
+
 # --- the release config's shapes, on the GPU --------------------------------------------------
 
 H, I, E, TOP_K = 2048, 768, 128, 8  # thinker: hidden, expert width, experts, experts a token

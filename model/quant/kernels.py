@@ -55,6 +55,10 @@ except ImportError:  # the fallback needs no Triton
 
 INTERPRETED = False  # set below: whether the kernels run in Triton's interpreter
 INT4, INT8, FP8 = 0, 1, 2  # scheme codes, from the data dtype
+# Group sizes along K the kernels take. A GEMV K tile (128 or 256 columns) must hold whole
+# groups and a GEMM K tile (min(G, 64) columns) must lie within one, so powers of two from 32 to
+# 128: what llm-compressor and quantize-at-load write. Others would read the wrong scales.
+GROUP_SIZES = (32, 64, 128)
 FP8_BLOCK = 128  # fp8 block-wise scales cover 128 x 128 weights (as llm-compressor writes them)
 INT4_OFFSET = 8  # stored nibble = q + 8
 
@@ -122,8 +126,9 @@ def _group(data: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]
     if group <= 0 or K % group or K // group != groups:
         raise ValueError(f"scale {tuple(scale.shape)} does not fit group size {group} over "
                          f"K={K}")
-    if data.dtype == torch.int32 and group % 8:
-        raise ValueError(f"int4 group size {group} is not a multiple of 8")
+    if group not in GROUP_SIZES:
+        raise ValueError(f"group size {group}: the kernels take groups of "
+                         f"{', '.join(map(str, GROUP_SIZES))} (or one scale per row)")
     return group
 
 

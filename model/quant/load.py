@@ -238,6 +238,8 @@ def load_quantized(source_dir: Path, config, dtype: torch.dtype, device: torch.d
     add_layers(model, checkpoint_source(tensors, ct), device, dtype,
                dict.fromkeys(counts, scheme), counts, progress)
     _restore_config(model, config)
+    if device.type == "cuda":  # the layers' 16-bit copies' blocks: back to the driver
+        torch.cuda.empty_cache()
     return model
 
 

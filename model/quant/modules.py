@@ -77,6 +77,60 @@ def _subclass(cls: type, names: tuple[str, ...]) -> type:
 
 
 def _reader(name: str):
-    def read(self) -> torch.Tensor:
-        return quant_weight(self, name).dequantize(self._quant_dtype)
+    def read(self) -> torch.Tensor | ExpertWeights:
+        weight = quant_weight(self, name)
+        if weight.data.dim() == 3:
+            return ExpertWeights(weight, self._quant_dtype)
+        return weight.dequantize(self._quant_dtype)
     return read
+
+
+class ExpertWeights:
+    """A fused expert weight (E, N, K) read through a quantized module's property.
+
+    transformers' expert loop reads `gate_up_proj[expert]` once for every expert a token chose:
+    indexing by one expert dequantizes that expert only (dequantizing all of them at every read
+    would cost the release model 2.4 GB of temporaries per read). Any other use (a tensor
+    method, a torch function's argument: transformers' grouped-mm implementation) gets the whole
+    tensor dequantized, once per use. Values are the same either way.
+    """
+
+    def __init__(self, weight: QuantWeight, dtype: torch.dtype):
+        self.weight, self.dtype = weight, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.weight.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def __len__(self) -> int:
+        return self.weight.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, int) or (isinstance(index, torch.Tensor) and index.dim() == 0):
+            w = self.weight
+            return QuantWeight(data=w.data[index], scale=w.scale[index], scheme=w.scheme,
+                               zero=None if w.zero is None else w.zero[index]
+                               ).dequantize(self.dtype)
+        return self.full()[index]
+
+    def full(self) -> torch.Tensor:
+        """All experts dequantized: (E, N, K)."""
+        return self.weight.dequantize(self.dtype)
+
+    def __getattr__(self, name: str):
+        # tensor methods (transformers' grouped-mm implementation transposes the whole weight)
+        if name.startswith("__") or name in ("weight", "dtype"):
+            raise AttributeError(name)
+        return getattr(self.full(), name)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        def whole(value):
+            return value.full() if isinstance(value, ExpertWeights) else value
+        args = tuple(whole(a) for a in args)
+        kwargs = {k: whole(v) for k, v in (kwargs or {}).items()}
+        return func(*args, **kwargs)
