@@ -109,6 +109,7 @@ class BargeIn:
         span_s = ECHO_MAX_DELAY_S + ECHO_PROBE_S + 0.1
         self.raw = History(seconds=span_s)  # raw mic, for the echo checks
         self.played = History(seconds=span_s)  # what played, on the mic's clock
+        self._echo_in_run = False  # the echo check turned down windows of the current run
 
     def hear(self, raw: np.ndarray, played: np.ndarray, replying: bool) -> None:
         """The raw microphone and what played over the same stretch (16 kHz); `replying`: a
@@ -122,16 +123,25 @@ class BargeIn:
         """The raw-mic VAD hears only replies: start each from a clean state."""
         if self.raw_onset is not None:
             self.raw_onset.reset()
+        self._echo_in_run = False
 
     def run(self, speech_run: int) -> int:
         """Consecutive speech windows that count for a barge-in now (0 when they are echo).
-        `speech_run`: the turn policy's run on the cleaned signal."""
+        `speech_run`: the turn policy's run on the cleaned signal. When the run began as echo,
+        only the windows the echo check let through count, so the barge-in's onset is where the
+        user's voice came in, not where the echo did."""
         if self.raw_onset is None:
             return speech_run  # no echo to tell apart
         run = speech_run
         if self.raw_onset.run >= BARGE_IN_WINDOWS > run and self._no_echo_path():
             run = self.raw_onset.run
-        return run if run >= BARGE_IN_WINDOWS and not self._onset_is_echo() else 0
+        if run < BARGE_IN_WINDOWS:
+            self._echo_in_run = False
+            return 0
+        if self._onset_is_echo():
+            self._echo_in_run = True
+            return 0
+        return BARGE_IN_WINDOWS if self._echo_in_run else run
 
     def _onset_is_echo(self) -> bool:
         """The onset windows' raw samples are a delayed copy of what played."""

@@ -69,13 +69,16 @@ class EngineEvent:
 
 @dataclass(frozen=True)
 class ReplyAudible:
-    """The first reply sample became audible. `latency_ms`: from the end of the user's speech
-    to then (Full-Duplex-Bench's response latency); `stages`: the engine's marks so far."""
+    """The first reply sample became audible (at `audible_sample`, which may be before `sample`,
+    when the session learnt it). `latency_ms`: from the end of the user's speech to then, plus the
+    microphone's input latency (Full-Duplex-Bench's response latency); `stages`: the engine's
+    marks so far."""
 
     sample: int
     turn: int
     latency_ms: float
     stages: dict[str, float] = field(default_factory=dict)
+    audible_sample: int = 0  # session sample where the reply's first sample became audible
 
 
 @dataclass(frozen=True)
@@ -92,13 +95,16 @@ class Interrupted:
 
 @dataclass(frozen=True)
 class HistoryCut:
-    """After a barge-in, the conversation's history keeps reply `turn` up to `heard_samples`:
-    `text` is what it keeps."""
+    """After a barge-in, the conversation's history keeps reply `turn` up to `heard_samples`
+    (24 kHz): `text` is what it keeps. `estimated`: the player never reported what was heard in
+    time (HEARD_TIMEOUT_S, or the next turn ended first), so the session estimated it from the
+    last report and the time since."""
 
     sample: int
     turn: int
     heard_samples: int
     text: str
+    estimated: bool = False
 
 
 @dataclass(frozen=True)

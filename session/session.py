@@ -11,6 +11,8 @@ every VAD window. The session's clock is the number of microphone samples heard.
   finished generating by then). The new turn keeps the speech that interrupted. When the player
   learns what was heard only later, feeding the new turn waits for that report (or
   HEARD_TIMEOUT_S), because `truncate` must come before the next turn's first `feed`;
+- speech over a reply that does not give way (barge-in off): it is kept, and once the reply
+  has played out it becomes the next turn (nothing the user said is lost);
 - the latency of each reply: from the end of the user's speech to its first audible sample.
 """
 
@@ -28,7 +30,7 @@ from duplex_chat.audio.constants import (
     VAD_WINDOW_SAMPLES,
     ms_to_samples,
 )
-from duplex_chat.audio.vad import SpeechEnded, SpeechProbability, SpeechStarted
+from duplex_chat.audio.vad import SileroVad, SpeechEnded, SpeechProbability, SpeechStarted
 from duplex_chat.config import Settings
 from duplex_chat.model.events import AudioPacket, StageTimings, TurnFinished, TurnStarted
 from duplex_chat.model.protocol import Conversation
@@ -44,6 +46,7 @@ from .worker import (
     InlineWorker,
     Player,
     ReplyDone,
+    Progress,
     ReplyGate,
     Stop,
     Truncate,
@@ -72,6 +75,7 @@ class _Reply:
     speech_end: int  # session sample where the user's speech ended
     produced: int = 0  # reply samples (24 kHz) the worker delivered
     heard: int = 0  # reply samples the player reports heard
+    heard_at: int = 0  # session sample when `heard` last changed
     audible: bool = False
     worker_done: bool = False
     stages: dict[str, float] = field(default_factory=dict)
@@ -83,6 +87,26 @@ class _PendingCut:
 
     reply: _Reply
     since: int  # session sample of the barge-in
+    written: int  # reply samples (24 kHz) the player had been given by then
+
+    def estimate(self) -> int:
+        """What was heard, the report overdue: a reply that was audible kept playing from its
+        last report until the stop, up to what the player had."""
+        reply = self.reply
+        if not reply.audible:
+            return reply.heard
+        played = (self.since - reply.heard_at) * OUTPUT_SAMPLE_RATE // SAMPLE_RATE
+        return max(reply.heard, min(self.written, reply.heard + played))
+
+
+@dataclass
+class _Speech:
+    """Speech the policy confirmed while a reply played, not (yet) a turn."""
+
+    onset: int
+    audio_start: int
+    real: bool  # the echo checks call it the user's (always, with no echo path)
+    end: int | None = None  # where it ended, if it did before the reply
 
 
 class Session:
@@ -105,8 +129,6 @@ class Session:
         self.policy = policy if policy is not None else SilencePolicy(settings.vad, vad_model)
         self.echo = echo
         if echo is not None and raw_vad is None:
-            from duplex_chat.audio.vad import SileroVad
-
             raw_vad = SileroVad()
         self.barge = BargeIn(settings.vad.threshold, raw_vad if echo is not None else None)
         self.history = History()  # cleaned mic: a turn's audio, pre-roll included
@@ -119,6 +141,7 @@ class Session:
         self.reply: _Reply | None = None
         self.pending: _PendingCut | None = None
         self.barge_onset: int | None = None  # onset of the speech that interrupted
+        self.speech: _Speech | None = None  # speech over the reply, not a turn
         self.interrupted_at: int | None = None
 
     @property
@@ -144,15 +167,19 @@ class Session:
         mic = np.asarray(mic, np.float32)
         played = np.zeros(0, np.float32) if played is None else np.asarray(played, np.float32)
         clean = self.echo.process(mic, played) if self.echo is not None else mic
-        self.barge.hear(mic, played, replying=self.reply is not None)
         done = 0
         # Pieces end on VAD window boundaries, so barge-in and turn decisions land on the window
-        # that made them, whatever the caller's chunk size (10 ms in talk, 320 ms in replay).
+        # that made them, whatever the caller's chunk size (10 ms in talk, 320 ms in replay). The
+        # echo checks get the same piece of raw mic and playback: what they judge is that window,
+        # not audio still to come in the chunk.
         while done < len(clean):
             n = min(len(clean) - done, VAD_WINDOW_SAMPLES - self.now % VAD_WINDOW_SAMPLES)
+            self.barge.hear(mic[done:done + n], played[done:done + n], self.reply is not None)
             self._step(clean[done:done + n])
             done += n
             self._update()
+        # The canceller may lag the mic by a frame: the checks still hear every raw sample.
+        self.barge.hear(mic[done:], played[done:], self.reply is not None)
         if not len(clean):
             self._update()
 
@@ -168,10 +195,8 @@ class Session:
     def close(self) -> None:
         """Stop the reply and the worker, without waiting long on the model."""
         self.worker.stopping.set()
-        with self.gate.lock:
-            self.gate.generation += 1
-            heard = self.player.stop()
-        self.conversation.cancel(heard or 0)
+        _, kept = self.gate.stop(self.player)
+        self.conversation.cancel(kept)
         self.worker.submit(Stop())
         self.worker.join(WORKER_JOIN_TIMEOUT_S)
 
@@ -179,11 +204,12 @@ class Session:
     def _step(self, clean: np.ndarray) -> None:
         self.history.append(clean)
         events = self.policy.feed(clean)
-        if self.reply is not None:
-            run = self.barge.run(self.policy.speech_run)
-            if run >= BARGE_IN_WINDOWS and self.barge_in_enabled:
-                self._barge_in(run)
+        run = self.barge.run(self.policy.speech_run) if self.reply is not None else 0
+        if run >= BARGE_IN_WINDOWS and self.barge_in_enabled:
+            self._barge_in(run)
         self._turn_events(events)
+        if run >= BARGE_IN_WINDOWS and self.speech is not None:
+            self.speech.real = True  # it got past the echo checks: the user's, not the reply's
         if self.turn_start is not None and self.pending is None and self.now > self.fed_upto:
             self._feed()
 
@@ -199,33 +225,47 @@ class Session:
         self.fed_upto = self.now
 
     def _speech_started(self, event: SpeechStarted) -> None:
-        if self.reply is not None:  # barge-in is off (or did not fire): not a turn
+        if self.reply is not None:  # barge-in is off (or has not fired yet): not a turn yet
+            self.speech = _Speech(event.sample_index, event.audio_start_index, self.echo is None)
             self.emit(ev.UserSpeechStarted(self.now, event.sample_index, event.audio_start_index, None))
             return
-        start = event.audio_start_index
+        self._open_turn(event.audio_start_index, event.sample_index, event.audio_start_index)
+
+    def _open_turn(self, start: int, onset: int, audio_start: int) -> None:
+        """The user's turn begins at session sample `start` (its audio is fed from there)."""
         if self.barge_onset is not None:  # keep the speech that interrupted, even a short first word
             start = max(0, min(start, self.barge_onset - self.pre_roll))
-            self.barge_onset = None
-        self.interrupted_at = None
+        self.barge_onset = self.interrupted_at = None
+        self.speech = None
         self.turn_start = start
         self.fed_upto = max(start, self.now - self.history.capacity)
-        self.emit(ev.UserSpeechStarted(self.now, event.sample_index, event.audio_start_index, start))
+        self.emit(ev.UserSpeechStarted(self.now, onset, audio_start, start))
 
     def _speech_ended(self, event: SpeechEnded) -> None:
         self.emit(ev.UserSpeechEnded(self.now, event.sample_index))
         if self.turn_start is not None:
             self._commit(event.sample_index)
+        elif self.speech is not None:  # over a reply that went on: a turn once it has played
+            self.speech.end = event.sample_index
+
+    def _overheard(self) -> None:
+        """The reply played out over speech that did not interrupt it (barge-in off): that
+        speech is the next turn, open or over, so nothing the user said is lost. Only what
+        History keeps (HISTORY_S) can still be fed."""
+        speech, self.speech = self.speech, None
+        if speech is None or not speech.real:
+            return  # none, or the reply's own echo
+        self._open_turn(speech.audio_start, speech.onset, speech.audio_start)
+        if speech.end is not None:
+            self._commit(speech.end)
 
     def _commit(self, end: int) -> None:
         """The turn is over: feed what is left of it and ask for the reply."""
         if self.pending is not None:  # its report is overdue now: cut with what is known
-            self._cut(self.pending.reply, self.pending.reply.heard)
+            self._cut(self.pending.reply, self.pending.estimate(), estimated=True)
         if self.now > self.fed_upto:
             self._feed()
-        with self.gate.lock:
-            self.gate.generation += 1
-            self.player.begin_reply(self.gate.generation)  # before the first packet can come
-        self.reply = _Reply(self.gate.generation, self.turns, end)
+        self.reply = _Reply(self.gate.begin(self.player), self.turns, end, heard_at=self.now)
         self.barge.reply_started()
         self.emit(ev.TurnCommitted(self.now, self.turns, self.turn_start, end))
         self.turns += 1
@@ -235,26 +275,27 @@ class Session:
     def _barge_in(self, run: int) -> None:
         reply = self.reply
         assert reply is not None
-        with self.gate.lock:
-            self.gate.generation += 1
-            heard = self.player.stop()
-        # Stop generating now. Unsure what was heard, keep everything made so far: the cut
-        # below, once the player reports, only shortens the history.
-        self.conversation.cancel(heard if heard is not None else reply.produced)
+        # Stop generating now. Unsure what was heard, keep everything the player was given:
+        # the cut below, once the player reports, only shortens the history.
+        heard, kept = self.gate.stop(self.player)
+        self.conversation.cancel(kept)
         self.reply = None
         self.barge_onset = self.now - run * VAD_WINDOW_SAMPLES
         self.interrupted_at = self.now
         self.emit(ev.Interrupted(self.now, reply.turn, heard, self.barge_onset))
         if heard is None:
-            self.pending = _PendingCut(reply, self.now)
+            self.pending = _PendingCut(reply, self.now, kept)
         else:
             self._cut(reply, heard)
+        if self.speech is not None:  # the policy already confirmed this speech: the turn is open
+            speech = self.speech
+            self._open_turn(speech.audio_start, speech.onset, speech.audio_start)
 
-    def _cut(self, reply: _Reply, heard: int) -> None:
+    def _cut(self, reply: _Reply, heard: int, estimated: bool = False) -> None:
         """Cut the history to what was heard, before any audio of the next turn is fed."""
         self.pending = None
         reply.heard = heard
-        self.worker.submit(Truncate(reply.turn, heard))
+        self.worker.submit(Truncate(reply.turn, heard, estimated))
 
     # ---- what the worker and the player say ------------------------------------------------
     def _update(self) -> None:
@@ -275,7 +316,8 @@ class Session:
             if isinstance(out, Failed):
                 raise out.error
             if isinstance(out, Truncated):
-                self.emit(ev.HistoryCut(self.now, out.turn, out.heard_samples, out.text))
+                self.emit(ev.HistoryCut(self.now, out.turn, out.heard_samples, out.text,
+                                        out.estimated))
             elif isinstance(out, ReplyDone):
                 if self.reply is not None and self.reply.id == out.reply:
                     self.reply.worker_done = True
@@ -304,17 +346,25 @@ class Session:
         progress = self.player.progress()
         if progress.reply != reply.id:
             return
-        reply.heard = progress.heard
+        if progress.heard != reply.heard:
+            reply.heard, reply.heard_at = progress.heard, self.now
         if progress.heard > 0 and not reply.audible:
             reply.audible = True
-            # It has played continuously since it became audible: place that moment exactly,
-            # not at this (later) look.
-            audible_at = self.now - progress.heard * SAMPLE_RATE / OUTPUT_SAMPLE_RATE
-            latency_s = (audible_at - reply.speech_end) / SAMPLE_RATE + self.input_latency_s
-            self.emit(ev.ReplyAudible(self.now, reply.turn, 1000.0 * latency_s, dict(reply.stages)))
+            self._audible(reply, progress)
         if progress.finished and reply.worker_done:
             self.reply = None
             self.emit(ev.ReplyFinished(self.now, reply.turn, progress.heard))
+            self._overheard()
+
+    def _audible(self, reply: _Reply, progress: Progress) -> None:
+        audible_at = progress.audible_since
+        if audible_at is None:
+            # The player cannot say: it has played without a gap since it became audible (a
+            # live speaker), so place that moment from what was heard, not at this later look.
+            audible_at = round(self.now - progress.heard * SAMPLE_RATE / OUTPUT_SAMPLE_RATE)
+        latency_s = (audible_at - reply.speech_end) / SAMPLE_RATE + self.input_latency_s
+        self.emit(ev.ReplyAudible(self.now, reply.turn, 1000.0 * latency_s, dict(reply.stages),
+                                  audible_at))
 
     def _track_pending(self) -> None:
         pending = self.pending
@@ -322,10 +372,11 @@ class Session:
             return
         progress = self.player.progress()
         if progress.reply == pending.reply.id:
-            pending.reply.heard = max(pending.reply.heard, progress.heard)
+            if progress.heard > pending.reply.heard:
+                pending.reply.heard, pending.reply.heard_at = progress.heard, self.now
             if progress.finished:
                 self._cut(pending.reply, progress.heard)
                 return
         if self.now - pending.since > HEARD_TIMEOUT_S * SAMPLE_RATE:
-            self._cut(pending.reply, pending.reply.heard)
+            self._cut(pending.reply, pending.estimate(), estimated=True)
 

@@ -45,6 +45,7 @@ class VirtualPlayer:
         self.start: int | None = None  # output sample where the reply sounds from
         self.samples = 0  # reply samples written
         self.ended = self.stopped = False
+        self.ran_out = False  # the input ended: replies play to their end
         self._begun_at = 0  # session sample of begin_reply
         self._begun_wall = 0.0
 
@@ -77,18 +78,27 @@ class VirtualPlayer:
 
     def progress(self) -> Progress:
         heard = self._heard()
-        return Progress(self.reply, heard, self.stopped or (self.ended and heard >= self.samples))
+        audible = None if self.start is None or heard == 0 else _in_sample(self.start)
+        return Progress(self.reply, heard, self.stopped or (self.ended and heard >= self.samples),
+                        audible)
 
     def run_out(self) -> None:
         """The input ended: every reply plays to its end (the clock no longer limits it)."""
-        self.clock = lambda: 1 << 62
+        self.ran_out = True
 
     def _heard(self) -> int:
         if self.start is None:
             return 0
+        if self.ran_out:
+            return self.samples
         return int(min(self.samples, max(0, _out_sample(self.clock()) - self.start)))
 
 
 def _out_sample(sample: int) -> int:
     """The 24 kHz output sample at 16 kHz input sample `sample`."""
     return sample * OUTPUT_SAMPLE_RATE // SAMPLE_RATE
+
+
+def _in_sample(out: int) -> int:
+    """The first 16 kHz input sample at or after 24 kHz output sample `out`."""
+    return -(-out * SAMPLE_RATE // OUTPUT_SAMPLE_RATE)

@@ -1,7 +1,7 @@
 """The worker that owns the Conversation, its typed commands, and the Player it plays into.
 
-`feed`, `end_turn` and `truncate` run on the worker (the Conversation's rule); the session's own
-thread only calls `cancel`. Reply packets go straight from the worker into the `Player`, so
+`feed`, `end_turn` and `truncate` run on the worker (the Conversation's rule); `cancel` comes
+from the session's thread, and again from the worker when a stop came before its reply started. Reply packets go straight from the worker into the `Player`, so
 playback never waits on the session's loop. `ReplyGate` makes a barge-in's stop and the
 worker's writes atomic: no packet of a cancelled reply is queued after the stop.
 
@@ -30,11 +30,15 @@ OUTPUT_WAIT_S = 0.01  # worker's wait when the player has no room
 @dataclass(frozen=True)
 class Progress:
     """How far the player is with reply `reply`: `heard` samples (24 kHz) audible so far;
-    `finished`: nothing more of it will sound (played out after its end, or stopped and final)."""
+    `finished`: nothing more of it will sound (played out after its end, or stopped and final).
+    `audible_since`: the session sample (16 kHz, the session's clock) where the reply's first
+    sample became audible, when the player knows it; None: the session assumes the reply has
+    played without a gap since then (a live speaker's ring buffer)."""
 
     reply: int
     heard: int
     finished: bool
+    audible_since: int | None = None
 
 
 class Player(Protocol):
@@ -69,28 +73,64 @@ class ReplyGate:
     def __init__(self) -> None:
         self.generation = 0
         self.lock = threading.Lock()
+        self.written = 0  # samples (24 kHz) of the current generation written to the player
+        self.kept = 0  # samples (24 kHz) the last `stop` told the engine to keep
+
+    def begin(self, player: Player) -> int:
+        """A new reply may play: returns its generation (the player is told before any packet)."""
+        with self.lock:
+            self.generation += 1
+            self.written = 0
+            player.begin_reply(self.generation)
+            return self.generation
+
+    def stop(self, player: Player) -> tuple[int | None, int]:
+        """No packet of the current reply reaches the player any more; stop it. Returns what the
+        player says was heard (None: it reports later) and the samples (24 kHz) the engine should
+        keep: what was heard, or, unknown yet, everything written (a later truncate cuts it)."""
+        with self.lock:
+            self.generation += 1
+            heard = player.stop()
+            self.kept = heard if heard is not None else self.written
+            return heard, self.kept
+
+    def write(self, player: Player, reply: int, samples: np.ndarray) -> bool:
+        """Queue `samples` of reply `reply` unless it was stopped; True if written."""
+        with self.lock:
+            if reply != self.generation:
+                return False
+            player.write(samples)
+            self.written += len(samples)
+            return True
 
 
 # ---- commands and what comes back ------------------------------------------------------------
 @dataclass(frozen=True)
 class Feed:
+    """More of the user's turn: `Conversation.feed`."""
+
     samples: np.ndarray  # (n,) float32, 16 kHz
 
 
 @dataclass(frozen=True)
 class EndTurn:
-    reply: int  # the generation this reply may play under
+    """The user's turn is over: generate the reply and play it (`Conversation.end_turn`)."""
+
+    reply: int  # the ReplyGate generation this reply may play under
 
 
 @dataclass(frozen=True)
 class Truncate:
+    """Cut reply `turn` in the history to what was heard (`Conversation.truncate`)."""
+
     turn: int
-    heard_samples: int
+    heard_samples: int  # reply samples (24 kHz) heard
+    estimated: bool = False  # the player never reported it: the session's estimate
 
 
 @dataclass(frozen=True)
 class Stop:
-    pass
+    """End the worker."""
 
 
 Command = Feed | EndTurn | Truncate | Stop
@@ -98,24 +138,33 @@ Command = Feed | EndTurn | Truncate | Stop
 
 @dataclass(frozen=True)
 class EngineOutput:
+    """An engine event of the reply that played under generation `reply`."""
+
     reply: int
     event: Event
 
 
 @dataclass(frozen=True)
 class ReplyDone:
+    """The engine has nothing more for the reply of generation `reply`."""
+
     reply: int
 
 
 @dataclass(frozen=True)
 class Truncated:
+    """A Truncate was done: the history keeps `text` of reply `turn`."""
+
     turn: int
-    heard_samples: int
+    heard_samples: int  # reply samples (24 kHz)
     text: str
+    estimated: bool = False
 
 
 @dataclass(frozen=True)
 class Failed:
+    """The worker died of `error` (the session re-raises it)."""
+
     error: BaseException
 
 
@@ -131,13 +180,14 @@ class InlineWorker:
         self.stopping = threading.Event()
 
     def start(self) -> None:
-        pass
+        """Nothing to start: commands run on the caller's thread."""
 
     def submit(self, command: Command) -> None:
+        """Run `command` now."""
         self._execute(command)
 
     def join(self, timeout: float | None = None) -> None:
-        pass
+        """Nothing to wait for."""
 
     def _execute(self, command: Command) -> bool:
         """Run one command; False once told to stop."""
@@ -147,16 +197,23 @@ class InlineWorker:
             self.conversation.feed(command.samples)
         elif isinstance(command, Truncate):
             text = self.conversation.truncate(command.heard_samples)
-            self.outputs.put(Truncated(command.turn, command.heard_samples, text))
+            self.outputs.put(Truncated(command.turn, command.heard_samples, text, command.estimated))
         elif isinstance(command, EndTurn):
             self._reply(command.reply)
         return True
 
     def _reply(self, reply: int) -> None:
+        cancelled = False
         for event in self.conversation.end_turn():
             if isinstance(event, AudioPacket):
                 self._play(event.samples, reply)
             self.outputs.put(EngineOutput(reply, event))
+            if not cancelled and reply != self.gate.generation:
+                # Stopped (barge-in, close). The session's own `cancel` is lost if it came
+                # before end_turn began (a backlog of feeds): the engine clears it when a reply
+                # starts. Only after the first event does a cancel stick, so it is repeated here.
+                self.conversation.cancel(self.gate.kept)
+                cancelled = True
         with self.gate.lock:
             if reply == self.gate.generation:
                 self.player.end_reply()
@@ -168,9 +225,7 @@ class InlineWorker:
             if reply != self.gate.generation:
                 return
             time.sleep(OUTPUT_WAIT_S)
-        with self.gate.lock:
-            if reply == self.gate.generation:
-                self.player.write(samples)
+        self.gate.write(self.player, reply, samples)
 
 
 class Worker(InlineWorker):

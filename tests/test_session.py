@@ -49,15 +49,16 @@ class Harness:
     """A session with a scripted conversation, a virtual player and a list of its events."""
 
     def __init__(self, threaded: bool = False, player_class=VirtualPlayer, echo=None, realtime_factor=0.0,
-                 reply_s: float = REPLY_S):
-        settings = load_settings(environ={})
-        self.conversation = ScriptedConversation([Reply(chirp(reply_s), WORDS)], first_packet_s=0.0,
-                                                 realtime_factor=realtime_factor)
+                 reply_s: float = REPLY_S, environ: dict | None = None, vad=LevelVad,
+                 conversation_class=ScriptedConversation):
+        settings = load_settings(environ=environ or {})
+        self.conversation = conversation_class([Reply(chirp(reply_s), WORDS)], first_packet_s=0.0,
+                                               realtime_factor=realtime_factor)
         self.events: list = []
         self.player = player_class(lambda: self.session.now)
         self.session = Session(settings, self.conversation, self.player, self.events.append,
-                               vad_model=LevelVad(), echo=echo,
-                               raw_vad=LevelVad() if echo else None, threaded=threaded)
+                               vad_model=vad(), echo=echo,
+                               raw_vad=vad() if echo else None, threaded=threaded)
         self.session.start()
 
     def hear(self, *parts: np.ndarray, played: np.ndarray | None = None, chunk: int = 160) -> None:
@@ -151,19 +152,113 @@ class PassThroughEcho:
         return mic
 
 
+@pytest.mark.parametrize("chunk", [160, 5120], ids=["10ms", "320ms"])
 @pytest.mark.parametrize("user_speaks", [False, True], ids=["echo-only", "user"])
-def test_barge_in_with_echo_checks(user_speaks):
+def test_barge_in_with_echo_checks(user_speaks, chunk):
     """With echo cancellation on, the reply's own echo (a delayed copy of what played) never
-    interrupts it, while the user's voice over it does."""
+    interrupts it, while the user's voice over it does, and becomes the next turn. The echo
+    counts as speech for the turn policy (the canceller has not learnt the path), so the policy
+    is mid-speech when the user's voice comes in. In 320 ms chunks (replay's) the checks judge
+    each window, not audio later in the chunk: no barge-in before the user spoke."""
     h = Harness(echo=PassThroughEcho())
-    h.hear(silence(0.5), speech(1.0), silence(0.8))
-    played = speech(1.5, seed=3)  # what the speaker plays meanwhile (16 kHz)
+    h.hear(silence(0.5), speech(1.0), silence(0.8), chunk=chunk)
+    played = np.concatenate([speech(1.4, seed=3), silence(0.1)])  # what the speaker plays (16 kHz)
     delay = int(0.1 * SAMPLE_RATE)
-    mic = 0.5 * np.concatenate([np.zeros(delay, np.float32), played[:-delay]])
+    mic = 0.5 * np.concatenate([np.zeros(delay, np.float32), played[:-delay]])  # its whole echo
+    user = (h.session.now + int(0.5 * SAMPLE_RATE), h.session.now + int(1.0 * SAMPLE_RATE))
     if user_speaks:
         mic[int(0.5 * SAMPLE_RATE):int(1.0 * SAMPLE_RATE)] += speech(0.5, seed=4)
-    h.hear(mic.astype(np.float32), played=played)
+    h.hear(mic.astype(np.float32), played=played, chunk=chunk)
+    h.hear(silence(3.0), played=silence(3.0), chunk=chunk)  # the reply's end played, then nothing
     assert bool(h.of(ev.Interrupted)) == user_speaks
+    if user_speaks:
+        (interrupted,) = h.of(ev.Interrupted)
+        assert user[0] <= interrupted.sample <= user[0] + 4 * W
+        assert user[0] - 2 * W <= interrupted.onset_sample <= user[0] + W  # not where the echo began
+        second = h.of(ev.TurnCommitted)[1]  # the user's words are a turn
+        assert second.start_sample <= user[0] - PRE_ROLL and second.end_sample >= user[1]
+
+
+class TwoLevelVad:
+    """Loud windows 0.9, soft ones 0.4: between neg_threshold (0.35) and threshold (0.5), so
+    they keep speech going but do not count for the barge-in's run."""
+
+    def prob(self, window: np.ndarray) -> float:
+        rms = float(np.sqrt(np.mean(np.square(window))))
+        return 0.9 if rms > 0.05 else (0.4 if rms > 0.01 else 0.0)
+
+    def reset(self) -> None:
+        pass
+
+
+def test_barge_in_after_the_policy_confirmed_the_speech_keeps_it_as_a_turn():
+    """Speech of alternating loud and soft windows is confirmed by the policy (hysteresis)
+    before two loud windows in a row barge in: the turn opens at the barge-in, from its onset."""
+    h = Harness(vad=TwoLevelVad)
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    h.hear(np.zeros(-h.session.now % W, np.float32))
+    onset = h.session.now
+    alternating = [speech(W / SAMPLE_RATE, seed=k) * (1.0 if k % 2 == 0 else 0.3) for k in range(12)]
+    h.hear(*alternating, speech(0.5, seed=9))
+    end = h.session.now
+    h.hear(silence(2.0))
+    assert h.of(ev.UserSpeechStarted)[1].turn_start is None  # confirmed over the reply
+    (interrupted,) = h.of(ev.Interrupted)
+    assert interrupted.onset_sample > onset + 4 * W
+    second = h.of(ev.TurnCommitted)[1]
+    assert second.start_sample == onset - PRE_ROLL and abs(second.end_sample - end) <= W
+
+
+def test_speech_over_a_reply_that_does_not_give_way_is_the_next_turn():
+    """Barge-in off: the reply plays on over the user's words, which become the next turn once
+    it has played out (nothing the user said is lost)."""
+    h = Harness(environ={"SCA_AUDIO_BARGE_IN": "false"})
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    onset = h.session.now
+    h.hear(speech(1.0, seed=1), silence(3.0))
+    assert h.of(ev.Interrupted) == []
+    first_done = h.of(ev.ReplyFinished)[0]
+    second = h.of(ev.TurnCommitted)[1]
+    assert second.sample == first_done.sample  # asked for as soon as the reply played out
+    assert second.start_sample <= onset - PRE_ROLL // 2 and abs(second.end_sample - onset - SAMPLE_RATE) < W
+    assert h.calls("end_turn")[1] == second.sample - second.start_sample  # all of it was fed
+
+
+def test_speech_still_going_when_the_reply_ends_continues_as_a_turn():
+    h = Harness(environ={"SCA_AUDIO_BARGE_IN": "false"})
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    onset = h.session.now
+    h.hear(speech(3.0, seed=1))  # the reply (2 s) ends while the user still talks
+    assert h.of(ev.ReplyFinished) and len(h.of(ev.TurnCommitted)) == 1
+    h.hear(silence(1.0))
+    second = h.of(ev.TurnCommitted)[1]
+    assert second.start_sample <= onset and abs(second.end_sample - onset - 3 * SAMPLE_RATE) < W
+
+
+class SlowPrefill(ScriptedConversation):
+    """Each feed takes longer than the 10 ms of audio it holds: the worker falls behind."""
+
+    def feed(self, samples: np.ndarray) -> None:
+        time.sleep(0.015)
+        super().feed(samples)
+
+
+def test_a_barge_in_before_the_worker_reaches_end_turn_still_stops_the_reply():
+    """The session's cancel comes while the worker is still feeding its backlog; the reply,
+    once it starts, is stopped all the same (the engine clears a cancel when a reply starts)."""
+    h = Harness(threaded=True, realtime_factor=1.0, reply_s=3.0, conversation_class=SlowPrefill)
+    h.hear(silence(0.5), speech(1.0), silence(0.8))
+    h.hear(speech(0.2, seed=1))  # the user goes on at once: barge-in
+    assert h.of(ev.Interrupted) and h.calls("end_turn") == []  # still feeding
+
+    def ended():
+        h.hear(silence(0.01))
+        return [e.event for e in h.of(ev.EngineEvent) if isinstance(e.event, (EngineInterrupted, TurnFinished))]
+
+    _wait(ended, 20)
+    assert [type(e) for e in ended()] == [EngineInterrupted]
+    assert h.player.samples == 0  # nothing of it was played
+    h.session.close()
 
 
 def test_cancel_while_generating_passes_the_heard_samples():
@@ -217,6 +312,55 @@ def test_heard_reported_late():
     assert "feed" in calls[calls.index("truncate"):]  # then the new turn was fed, whole
     second = h.of(ev.TurnCommitted)[1]
     assert h.calls("end_turn")[1] == second.sample - second.start_sample
+
+
+class SteppedPlayer(VirtualPlayer):
+    """A player that reports what was heard only every 0.5 s (a browser), and after a stop
+    never again."""
+
+    def stop(self):
+        self.true_heard = super().stop()
+        return None
+
+    def progress(self) -> Progress:
+        if self.stopped:
+            return Progress(self.reply, self.reported, False)
+        if self.clock() // (SAMPLE_RATE // 2) != getattr(self, "_step", None):
+            self._step, self.reported = self.clock() // (SAMPLE_RATE // 2), super().progress().heard
+        return Progress(self.reply, self.reported, False)
+
+
+@pytest.mark.parametrize("commit_first", [False, True], ids=["timeout", "turn-ended"])
+def test_heard_never_reported_is_estimated_from_the_last_report(commit_first):
+    """The report never comes: after HEARD_TIMEOUT_S, or when the interrupting turn ends first,
+    the history is cut where the reply had got to (last report plus the time since), marked as
+    an estimate, and before the new turn's audio is fed."""
+    h = Harness(player_class=SteppedPlayer)
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    h.hear(silence(0.4))  # well after the last report (every 0.5 s)
+    h.hear(speech(0.3 if commit_first else 1.5, seed=1), silence(1.0))
+    (cut,) = h.of(ev.HistoryCut)
+    assert cut.estimated and abs(cut.heard_samples - h.player.true_heard) <= 160 * 3 // 2
+    assert h.calls("truncate") == [cut.heard_samples]
+    calls = [name for _, name, _ in h.conversation.calls]
+    assert calls.index("truncate") < len(calls) - 1 - calls[::-1].index("feed")
+    second = h.of(ev.TurnCommitted)[1]
+    assert (second.sample < h.of(ev.Interrupted)[0].sample + SAMPLE_RATE) == commit_first
+
+
+def test_latency_when_the_reply_is_first_looked_at_after_it_played():
+    """The input ends right after the turn (replay's run_out): the reply is first looked at
+    once it has played whole, and its latency is still from its first audible sample."""
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(0.1))
+    h.session.finish()
+    h.player.run_out()
+    h.session.hear(np.zeros(0, np.float32))
+    (committed,) = h.of(ev.TurnCommitted)
+    (audible,) = h.of(ev.ReplyAudible)
+    expected_ms = 1000 * ((committed.sample - committed.end_sample) / SAMPLE_RATE + MODELED_FIRST_PACKET_S)
+    assert audible.latency_ms == pytest.approx(expected_ms, abs=0.1)
+    assert audible.audible_sample == committed.sample + MODELED_FIRST_PACKET_S * SAMPLE_RATE
 
 
 def _wait(condition, timeout_s: float = 10.0) -> None:
