@@ -97,6 +97,10 @@ def replay(
     greedy: Optional[bool] = GreedyOpt,
     stock: bool = typer.Option(False, "--stock", help="Use stock generate() instead of the engine."),
     json_out: bool = JsonOpt,
+    measured_latency: bool = typer.Option(
+        False, "--measured-latency",
+        help="Start each reply after its first packet's compute time measured here, not the "
+             "modelled 80 ms (results then vary with this machine and its load)."),
 ) -> None:
     """Play a recorded conversation in as if spoken; print, time and save the replies."""
     from .replay import run_replay
@@ -104,7 +108,8 @@ def replay(
     flags = model_flags(model, dtype, device_map, load_in_8bit, quantize, voice, system_prompt,
                         greedy)
     settings = settings_from(config, **flags)
-    raise typer.Exit(run_replay(settings, file, out=out, stock=stock, json_out=json_out))
+    raise typer.Exit(run_replay(settings, file, out=out, stock=stock, json_out=json_out,
+                                measured_latency=measured_latency))
 
 
 @app.command()

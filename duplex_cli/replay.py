@@ -7,9 +7,13 @@ stock `generate()` with `--stock`, loaded only once speech is found.
 
 The session runs on a virtual clock, the file's own time (session/virtual.py): each reply starts
 MODELED_FIRST_PACKET_S after its end of turn was detected and plays at real time, whatever this
-machine's speed, so a replay gives the same result on every run. The file keeps playing in while
-a reply "plays": speech over it barges in, the reply is cut where it was heard, and the history
-keeps only that.
+machine's speed, so a replay gives the same result on every run; its latency is then modelled,
+and says so. `--measured-latency` places each reply after the first packet's compute time as
+measured here instead (results then vary with the machine and its load). The file keeps playing
+in while a reply "plays": speech over it barges in, the reply is cut where it was heard, and the
+history keeps only that. Replay follows `audio.barge_in` like talk: with it off, speech over a
+reply does not cut it and becomes the next turn once the reply has played out, so either way
+nothing the user said is lost, and a replay shows what talk would do with the same settings.
 
 `--out` writes a stereo wav at 24 kHz on the input's timeline: the input on the left, each reply
 on the right where it would have sounded, cut where the user barged in.
@@ -36,7 +40,9 @@ from duplex_chat.model.protocol import Conversation
 from duplex_chat.session import (
     EngineEvent,
     HistoryCut,
+    MODELED_FIRST_PACKET_S,
     Interrupted,
+    ReplyAudible,
     ReplyFinished,
     SessionEvent,
     Session,
@@ -58,6 +64,8 @@ class TurnRecord:
     text: str = ""
     stages: dict = field(default_factory=dict)
     reply_start_s: float | None = None  # first reply sample on the timeline
+    latency_s: float | None = None  # from end_s to reply_start_s (the session's ReplyAudible)
+    latency_modelled: bool = True  # the first packet's time is MODELED_FIRST_PACKET_S, not measured
     reply_samples: int = 0  # reply samples heard (all of it, unless interrupted)
     interrupted_s: float | None = None  # when the user barged in, if they did
     heard_text: str | None = None  # what history kept of an interrupted reply
@@ -134,13 +142,14 @@ class Printer:
         )
         self.console.print("[bold green]assistant[/] ", end="")
 
-    def text(self, text: str) -> None:
+    def text(self, text: str, turn: int) -> None:
         self.console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
     def turn_finished(self, record: TurnRecord) -> None:
         s = record.stages
-        latency = (record.reply_start_s - record.end_s) if record.reply_start_s is not None else None
-        parts = [f"latency {latency * 1000:.0f} ms" if latency is not None else "no audio"]
+        latency = record.latency_s
+        how = "modelled" if record.latency_modelled else "measured"
+        parts = [f"latency {latency * 1000:.0f} ms ({how})" if latency is not None else "no audio"]
         if record.interrupted_s is not None:
             parts.append(f"interrupted at {_clock(record.interrupted_s)} after "
                          f"{record.reply_samples / OUTPUT_SAMPLE_RATE:.1f} s, kept "
@@ -172,12 +181,12 @@ class JsonPrinter:
         self._emit(event="turn_started", turn=r.index, start_s=r.start_s, end_s=r.end_s,
                    detected_s=r.detected_s)
 
-    def text(self, text: str) -> None:
-        self._emit(event="text", text=text)
+    def text(self, text: str, turn: int) -> None:
+        self._emit(event="text", turn=turn, text=text)
 
     def turn_finished(self, r: TurnRecord) -> None:
-        latency = None if r.reply_start_s is None else r.reply_start_s - r.end_s
-        self._emit(event="turn_finished", turn=r.index, text=r.text, latency_s=latency,
+        self._emit(event="turn_finished", turn=r.index, text=r.text, latency_s=r.latency_s,
+                   latency="modelled" if r.latency_modelled else "measured",
                    reply_start_s=r.reply_start_s, reply_samples=r.reply_samples,
                    interrupted_s=r.interrupted_s, heard_text=r.heard_text, stages=r.stages)
 
@@ -235,10 +244,12 @@ class ReplaySession:
     timeline."""
 
     def __init__(self, settings: Settings, open_conversation: Callable[[], Conversation], printer,
-                 timeline: ReplyTimeline, vad_model=None):
+                 timeline: ReplyTimeline, vad_model=None, measured_latency: bool = False):
         self.printer, self.timeline = printer, timeline
         self.records: list[TurnRecord] = []
-        self.player = VirtualPlayer(lambda: self.session.now, timeline)
+        self.measured_latency = measured_latency
+        first_packet_s = None if measured_latency else MODELED_FIRST_PACKET_S
+        self.player = VirtualPlayer(lambda: self.session.now, timeline, first_packet_s)
         # Echo cancellation and its checks are for a live speaker: a file has no echo path.
         self.session = Session(settings, LazyConversation(open_conversation), self.player,
                                self._on_event, vad_model=vad_model, threaded=False)
@@ -258,11 +269,16 @@ class ReplaySession:
     def _on_event(self, event: SessionEvent) -> None:
         if isinstance(event, TurnCommitted):
             record = TurnRecord(event.turn, event.start_sample / SAMPLE_RATE,
-                                event.end_sample / SAMPLE_RATE, event.sample / SAMPLE_RATE)
+                                event.end_sample / SAMPLE_RATE, event.sample / SAMPLE_RATE,
+                                latency_modelled=not self.measured_latency)
             self.records.append(record)
             self.printer.turn_started(record)
         elif isinstance(event, EngineEvent) and event.current:
             self._engine_event(self.records[-1], event.event)
+        elif isinstance(event, ReplyAudible):
+            record = self.records[event.turn]
+            record.reply_start_s = event.audible_sample / SAMPLE_RATE
+            record.latency_s = round(event.latency_ms / 1000.0, 6)
         elif isinstance(event, Interrupted):
             self.records[-1].interrupted_s = event.sample / SAMPLE_RATE
         elif isinstance(event, (ReplyFinished, HistoryCut)):
@@ -271,7 +287,7 @@ class ReplaySession:
     def _engine_event(self, record: TurnRecord, event: Event) -> None:
         if isinstance(event, TextDelta) and event.text:
             record.text += event.text
-            self.printer.text(event.text)
+            self.printer.text(event.text, record.index)
         elif isinstance(event, StageTimings):
             record.stages = {k: round(v, 3) for k, v in event.stages.items()}
         elif isinstance(event, HistoryTrimmed):
@@ -281,16 +297,15 @@ class ReplaySession:
         """The reply played out, or was cut (HistoryCut follows the barge-in at once here)."""
         record = self.records[event.turn]
         record.reply_samples = event.heard_samples
-        if event.heard_samples and self.player.start is not None:
-            record.reply_start_s = self.player.start / OUTPUT_SAMPLE_RATE
         if isinstance(event, HistoryCut):
             record.heard_text = event.text
         self.printer.turn_finished(record)
 
 
 def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: bool = False,
-               json_out: bool = False) -> int:
-    """Replay `file`; returns the exit code."""
+               json_out: bool = False, measured_latency: bool = False) -> int:
+    """Replay `file`; returns the exit code. `measured_latency`: place each reply after its first
+    packet's compute time measured on this machine, not the modelled MODELED_FIRST_PACKET_S."""
     info = audio_info(file)
     if out is not None and not out.parent.exists():
         raise DuplexError(f"Cannot write {out}: folder {out.parent} does not exist.")
@@ -301,7 +316,8 @@ def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: b
         return _open_conversation(settings, stock, err)
 
     timeline = ReplyTimeline(out)
-    session = ReplaySession(settings, open_conversation, printer, timeline)
+    session = ReplaySession(settings, open_conversation, printer, timeline,
+                            measured_latency=measured_latency)
     started = time.perf_counter()
     chunk = frames_to_samples(settings.audio.frames_per_chunk)
     try:

@@ -4,8 +4,11 @@ A policy hears the (echo-cancelled) microphone and answers with the voice-activi
 decide turns: `SpeechStarted` (a turn may begin; its audio starts pre-roll before the onset) and
 `SpeechEnded` (the turn is over). It also exposes how many consecutive 32 ms windows up to now
 were speech, which the barge-in fast path reads. Today's policy is plain VAD silence; a semantic
-end-of-turn model, or a speculative start, is another class with the same three members (after
-pipecat's turn analyzers: audio in, "complete or not" out), and talk and replay do not change.
+end-of-turn model is another class with the same three members (after pipecat's turn analyzers:
+audio in, "complete or not" out), and talk and replay do not change. A speculative start (ask for
+the reply before the end of turn is certain, take it back if the user goes on) does not fit this
+interface: a policy can confirm an end of turn but never withdraw one, so it needs a new event
+and session support.
 """
 
 from __future__ import annotations
