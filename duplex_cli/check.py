@@ -169,7 +169,7 @@ def check_model(settings: Settings, gpu: GpuState) -> list[Row]:
               f"max_context_tokens {q.max_context_tokens})")
     rows.append(Row("model", "size", OK, detail))
     rows.append(_cards_row(settings, config, need))
-    fp8 = _fp8_row(settings, gpu)
+    fp8 = _fp8_row(settings, gpu, footprint.weight_format(config, q.quantize))
     if fp8 is not None:
         rows.append(fp8)
     rows.append(_fit_row(settings, gpu, need, config))
@@ -220,12 +220,14 @@ def fp8_unsupported(gpu: GpuState, index: int) -> str | None:
         return None
     need = ".".join(map(str, FP8_MIN_CAPABILITY))
     name = gpu.names[index] if index < len(gpu.names) else f"GPU {index}"
-    return (f"fp8 needs compute capability {need} or newer (Ada, Hopper, Blackwell); "
+    return (f"fp8 weights run on compute capability {need} or newer only (Ada, Hopper, Blackwell); "
             f"GPU {index} ({name}) is {cc[0]}.{cc[1]}")
 
 
-def _fp8_row(settings: Settings, gpu: GpuState) -> Row | None:
-    if settings.qwen.quantize != "fp8" or not gpu.cuda:
+def _fp8_row(settings: Settings, gpu: GpuState, fmt) -> Row | None:
+    """Whether the GPU runs FP8 weights, when the weights are FP8 (`--quantize fp8` or an FP8
+    checkpoint: `fmt`, footprint's WeightFormat)."""
+    if fmt is None or not fmt.name.startswith(("fp8", "float8")) or not gpu.cuda:
         return None
     index = device_index(settings.qwen.device_map)
     if index >= len(gpu.names):
@@ -234,8 +236,11 @@ def _fp8_row(settings: Settings, gpu: GpuState) -> Row | None:
     if why is None:
         cc = gpu.capability_of(index)
         where = f"GPU {index} is {cc[0]}.{cc[1]}" if cc else f"GPU {index}"
-        return Row("model", "fp8", OK, f"{where}: float8 matmuls supported")
-    return Row("model", "fp8", FAIL, why, "Use --quantize int8 (the same size) or --quantize int4.")
+        return Row("model", "fp8", OK, f"{where}: FP8 weights run here")
+    hint = ("Use --quantize int8 (the same size) or --quantize int4."
+            if settings.qwen.quantize == "fp8" else "Use an int8 or int4 checkpoint, or the 16-bit "
+            "release with --quantize int8 or int4.")
+    return Row("model", "fp8", FAIL, why, hint)
 
 
 def _presence_row(status) -> Row:

@@ -129,7 +129,9 @@ QUANTIZE_FORMATS = {
     "fp8": WeightFormat("fp8", 8, None, scale_bits=32),  # float8_e4m3fn, a float32 scale per row
 }
 QUANTIZE_MODES = ("none", *QUANTIZE_FORMATS)  # = config.settings.QUANTIZE_MODES (a test checks)
-FP8_MIN_CAPABILITY = (8, 9)  # float8 matmuls (torch._scaled_mm): Ada, Hopper and newer
+# FP8 weights are offered on Ada, Hopper and newer only (issue 19's rule: the GPUs with FP8
+# hardware; the kernels decode FP8 with integer operations and would run on older ones too).
+FP8_MIN_CAPABILITY = (8, 9)
 
 
 def checkpoint_format(config: Mapping[str, Any]) -> WeightFormat | None:
@@ -162,11 +164,24 @@ def checkpoint_format(config: Mapping[str, Any]) -> WeightFormat | None:
     scale_bits = 32 if (w.get("scale_dtype") or "").endswith("float32") or (
         kind == "float" and not w.get("scale_dtype")) else 16
     zero_bits = 0 if w.get("symmetric", True) or kind == "float" else 8  # unpacked to int8
-    talker = not any("talker" in str(p) for p in q.get("ignore") or ())
+    talker = not _ignored(TALKER_SAMPLE_LINEAR, q.get("ignore") or ())
     sym = "" if zero_bits == 0 else " asymmetric"
     detail = f"g{group}" if group else (f"block {block[0]}x{block[1]}" if block else "per channel")
     name = f"{kind}{bits} {detail}{sym} checkpoint" + ("" if talker else ", talker 16-bit")
     return WeightFormat(name, bits, group, scale_bits, zero_bits, block, talker)
+
+
+# A linear of the talker's decoder layers: whether the checkpoint's `ignore` list names it says
+# whether the talker was left in 16 bit (llm-compressor writes `ignore` as plain module names,
+# and a quantized talker may still have a router or head named there).
+TALKER_SAMPLE_LINEAR = "talker.model.layers.0.self_attn.q_proj"
+
+
+def _ignored(module: str, ignore) -> bool:
+    """compressed-tensors' matching of one `ignore` entry: "re:" regexes from the start of the
+    name (re.match), anything else the exact module name."""
+    return any(re.match(str(e)[3:], module) if str(e).startswith("re:") else str(e) == module
+               for e in ignore)
 
 
 def weight_format(config: Mapping[str, Any], quantize: str = "none",

@@ -16,7 +16,7 @@ import torch
 from duplex_chat.config import DuplexError, QwenSettings
 
 from .checkpoint import inspect_checkpoint
-from .footprint import cache_for, gpu_bytes, looks_like_path
+from .footprint import FP8_MIN_CAPABILITY, cache_for, gpu_bytes, looks_like_path
 from .footprint import resolve_dtype as footprint_dtype
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -211,16 +211,13 @@ def _drop_vision(model) -> None:
     remove_hook_from_module(model, recurse=True)
 
 
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first GPUs with FP8 tensor cores
-
-
 def fp8_problem(device: torch.device) -> str | None:
     """Why FP8 weights cannot run on `device`, or None if they can."""
     if device.type != "cuda":
-        return f"FP8 weights need a CUDA GPU of compute capability 8.9 or newer, not {device}"
+        return f"FP8 weights run on a CUDA GPU of compute capability 8.9 or newer only, not {device}"
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < FP8_MIN_CAPABILITY:
-        return (f"FP8 weights need a GPU of compute capability 8.9 or newer (Ada, Hopper, "
+        return (f"FP8 weights run on compute capability 8.9 or newer only (Ada, Hopper, "
                 f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}")
     return None
 

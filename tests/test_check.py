@@ -297,6 +297,14 @@ def test_sizing_agrees_with_the_loaders_reading():
             ({"num_bits": 4, "type": "int", "symmetric": False, "group_size": 32,
               "strategy": "group"}, COMMUNITY_IGNORE),
             ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, ["lm_head"]),
+            # a quantized talker whose router and head are named in `ignore`, as llm-compressor
+            # writes it: still a quantized talker
+            ({"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128,
+              "strategy": "group"}, ["lm_head", "talker.model.layers.0.mlp.gate",
+                                     "talker.codec_head"]),
+            # the talker's layers named one by one: left in 16 bit
+            ({"num_bits": 4, "type": "int", "symmetric": True, "group_size": 128,
+              "strategy": "group"}, ["lm_head", "talker.model.layers.0.self_attn.q_proj"]),
             ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "block",
               "block_structure": [128, 128]}, ["lm_head", "re:.*talker.*"])):
         cfg = _ct_config(weights, ignore)
@@ -514,6 +522,21 @@ def test_fp8_is_refused_on_a_compute_capability_8_6_gpu(monkeypatch):
     _, report = _check_json(["--model", NOT_CACHED, "--quantize", "int4"])
     assert not any(r["name"] == "fp8" for r in report["checks"])
     assert _row(report, "fits")["status"] == "ok"  # 22.9 GiB of 23.2 free
+
+
+def test_an_fp8_checkpoint_is_refused_on_a_compute_capability_8_6_gpu(monkeypatch, tmp_path):
+    """An FP8 checkpoint needs no --quantize to be FP8: check still says the card cannot run it."""
+    cfg = _ct_config({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"},
+                     ["lm_head"])
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    from safetensors.torch import save_file
+
+    save_file({"lm_head.weight": torch.zeros(1)}, str(tmp_path / "model.safetensors"))
+    monkeypatch.setattr(check, "probe_gpu", lambda: _fake_gpu((8, 6), free=47, total=47.5))
+    code, report = _check_json(["--model", str(tmp_path)])
+    row = _row(report, "fp8")
+    assert code == 1 and row["status"] == "fail" and "is 8.6" in row["detail"]
+    assert "int8 or int4 checkpoint" in row["fix"]
 
 
 def test_fp8_is_accepted_on_an_ada_gpu(monkeypatch):
