@@ -72,12 +72,14 @@ class ScriptedConversation:
     def feed(self, samples: np.ndarray) -> None:
         assert samples.dtype == np.float32 and samples.ndim == 1
         self._fed += len(samples)
+        self._turn_open = True
         self._log("feed", len(samples))
 
     def end_turn(self) -> Iterator[Event]:
         turn, fed = self._turn, self._fed
         self._turn += 1
         self._fed = 0
+        self._turn_open = False
         self._cancel.clear()
         self._log("end_turn", fed)
         reply = self.replies[min(turn, len(self.replies) - 1)]
@@ -114,7 +116,10 @@ class ScriptedConversation:
         self._cancel.set()
 
     def truncate(self, heard_samples: int) -> str:
-        """The words of the last reply in the part heard (its words spread evenly over its audio)."""
+        """The words of the last reply in the part heard (its words spread evenly over its audio).
+        Like the engine, raises once the next user turn has started (its first feed)."""
+        if self._turn_open:
+            raise RuntimeError("truncate() after the next user turn started")
         self._log("truncate", heard_samples)
         if self._last is None:
             return ""
@@ -131,6 +136,7 @@ class ScriptedConversation:
 
     _heard: int = 0
     _last: Reply | None = None
+    _turn_open: bool = False
 
 
 def factory_for(conversation: ScriptedConversation):

@@ -368,3 +368,36 @@ def _wait(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_the_fake_refuses_truncate_once_the_next_turn_started():
+    """As the engine does: the session's ordering (truncate before feed) is checked by it."""
+    conversation = ScriptedConversation([Reply(chirp(0.5), WORDS)], first_packet_s=0.0, realtime_factor=0.0)
+    list(conversation.end_turn())
+    conversation.truncate(100)
+    conversation.feed(np.zeros(160, np.float32))
+    with pytest.raises(RuntimeError):
+        conversation.truncate(100)
+
+
+def test_close_during_a_reply_stops_it_and_the_worker():
+    h = Harness(threaded=True, realtime_factor=1.0, reply_s=5.0)
+    h.hear(silence(0.5), speech(1.0), silence(0.8))
+    _wait(lambda: h.player.samples > 0)
+    h.session.close()
+    assert not h.session.worker._thread.is_alive()
+    engine = [e for _, name, e in h.conversation.calls if name == "stopped"]
+    assert engine  # the engine stopped mid-reply, not after 5 s of it
+    written = h.player.samples
+    time.sleep(0.1)
+    assert h.player.samples == written  # nothing more reaches the player
+
+
+def test_importing_the_session_pulls_in_no_ui_or_device_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, duplex_chat.session; "
+            "print(sorted(m for m in ('rich', 'typer', 'sounddevice') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
