@@ -76,8 +76,9 @@ def test_cli_flags_map_to_keys_and_win(tmp_path, monkeypatch):
 
     seen = {}
 
-    def fake_run_replay(settings, file, out=None, stock=False, json_out=False):
-        seen.update(settings=settings, file=file, stock=stock, json_out=json_out)
+    def fake_run_replay(settings, file, out=None, stock=False, json_out=False, measured_latency=False):
+        seen.update(settings=settings, file=file, stock=stock, json_out=json_out,
+                    measured_latency=measured_latency)
         return 0
 
     monkeypatch.setattr(replay_module, "run_replay", fake_run_replay)
@@ -86,7 +87,7 @@ def test_cli_flags_map_to_keys_and_win(tmp_path, monkeypatch):
     env = {"SCA_QWEN_DEVICE_MAP": "cpu", "SCA_QWEN_MODEL_ID": "/models/omni",
            "SCA_QWEN_TORCH_DTYPE": "fp8"}  # invalid, but the --dtype flag replaces it
     args = ["replay", "x.wav", "--config", str(config), "--dtype", "float32",
-            "--voice", "chelsie", "--greedy", "--json"]
+            "--voice", "chelsie", "--greedy", "--json", "--measured-latency"]
     result = CliRunner().invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     s = seen["settings"]
@@ -95,6 +96,7 @@ def test_cli_flags_map_to_keys_and_win(tmp_path, monkeypatch):
     assert s.qwen.voice == "Chelsie" and s.qwen.greedy is True and s.vad.end_of_turn_ms == 700
     assert s.sources["qwen.torch_dtype"] == "flag --dtype"
     assert seen["json_out"] is True and seen["file"] == Path("x.wav")
+    assert seen["measured_latency"] is True
 
 
 # --------------------------------------------------------------------------- legacy names
