@@ -60,16 +60,18 @@ if [ -n "${PROFILE:-}" ]; then  # compiles beside the tests, times after them
     grep -E "^(GPU over|host CUDA|a reply unprofiled|engine's talker|talker alone)" "$OUT/profile.txt" || true
 fi
 [ "${BENCH:-1}" = 1 ] || exit 0
-# The GPU memory the process holds as nvidia-smi shows it (allocator cache and CUDA context
-# included), sampled every 250 ms through the bench; its maximum is printed at the end.
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 > "$OUT/smi.txt" &
+# The GPU memory each process holds as nvidia-smi shows it (allocator cache and CUDA context
+# included), sampled every 250 ms through the bench; the largest process's maximum (the bench's,
+# whatever else runs beside it) is printed at the end.
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits -lms 250 \
+    > "$OUT/smi.txt" &
 smi=$!
 status=0
 timeout "${BENCH_TIMEOUT:-540}" python3 -m duplex_chat.cli.app bench --random-weights --json "$@" \
     > "$OUT/bench.json" 2> "$OUT/bench.err" || status=$?
 echo "bench exit $status"
 kill $smi 2>/dev/null || true
-echo "nvidia-smi peak: $(sort -n "$OUT/smi.txt" | tail -1) MiB (memory.used, whole GPU)"
+echo "nvidia-smi peak: $(awk -F', ' '$2 > m {m = $2} END {print m}' "$OUT/smi.txt") MiB (used_memory of the largest process)"
 tail -5 "$OUT/bench.err"
 [ -s "$OUT/bench.json" ] || exit 1
 python3 - "$OUT/bench.json" <<'PY'

@@ -72,6 +72,12 @@ def _subclass(cls: type, names: tuple[str, ...]) -> type:
         attrs = {name: property(_reader(name), doc=f"{name}, dequantized on every read")
                  for name in names}
         attrs["_quant_original"] = cls
+        eager = getattr(cls.forward, "__wrapped__", None)
+        if eager is not None and "gate_up_proj" in names:
+            # transformers' experts dispatch to grouped-mm implementations that read the whole
+            # (E, N, K) weight at once; its own loop reads experts[e], one expert at a time, so
+            # a quantized layer never holds more than one expert dequantized.
+            attrs["forward"] = eager
         _SUBCLASSES[key] = type(f"Quantized{cls.__name__}", (cls,), attrs)
     return _SUBCLASSES[key]
 
