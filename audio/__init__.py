@@ -8,6 +8,7 @@ Modules (import them directly; this package imports nothing heavy on its own):
   resample   `StreamResampler`: soxr's streaming resampler for chunked audio (files, mic, speaker).
   vad        `SileroVad` probabilities, the streaming `VoiceActivity` turn detector, and offline
              `find_turns` for replay.
+  levels     `level_db`: RMS level in dBFS (talk's input meter, the session's echo checks).
   devices, stream, features, echo  sound devices, live streams, log-mel features, echo cancelling.
 
 Everything here works on NumPy float32 arrays in [-1, 1]; sample indices count 16 kHz samples.

@@ -16,21 +16,25 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Any, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from duplex_chat.audio.levels import level_db
+from duplex_chat.audio.vad import SpeechProbability
 from duplex_chat.config import DuplexError, Settings
 from duplex_chat.model.events import StageTimings, TextDelta
 from duplex_chat.model.protocol import Conversation
-from duplex_chat.session import Progress, Session
+from duplex_chat.session import Echo, Progress, Session
 from duplex_chat.session import events as ev
-from duplex_chat.session.bargein import level_db
 
 from .recorder import SessionRecorder
 from .view import TalkState, TalkView
+
+if TYPE_CHECKING:  # only for types: the streams import sounddevice when they open
+    from duplex_chat.audio.stream import AudioIO
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
 STALL_TIMEOUT_S = 1.5  # no audio callback for this long = the device is gone
@@ -77,12 +81,35 @@ def print_devices(console: Console) -> None:
 
 
 # ---- the speaker as the session's player ------------------------------------------------------
+class OutputRing(Protocol):
+    """What `SpeakerPlayer` uses of `AudioIO` (audio/stream.py): its output ring and latencies."""
+
+    @property
+    def output_free_s(self) -> float: ...
+
+    @property
+    def queued_output_s(self) -> float: ...
+
+    @property
+    def latency_s(self) -> tuple[float, float]: ...
+
+    def begin_reply(self) -> None: ...
+
+    def write_output(self, samples: np.ndarray) -> int: ...
+
+    def end_reply(self) -> None: ...
+
+    def flush(self) -> int: ...
+
+    def reply_played_samples(self) -> int: ...
+
+
 class SpeakerPlayer:
     """The session's `Player` over `AudioIO`'s output ring. A reply has played out once the worker
     ended it, the ring ran dry and the output latency has passed since (its last samples are
     audible then)."""
 
-    def __init__(self, io: Any):
+    def __init__(self, io: OutputRing):
         self.io = io
         self.reply = 0
         self.ended = False  # set by the worker thread
@@ -121,11 +148,10 @@ class SpeakerPlayer:
 class TalkSession:
     """One talk session: the device loop around a `Session`, its view and its recording."""
 
-    def __init__(self, settings: Settings, conversation: Conversation, io: Any, view: TalkView,
-                 recorder: SessionRecorder | None, vad_model: Any = None,
-                 raw_vad_model: Any = None):
+    def __init__(self, settings: Settings, conversation: Conversation, io: AudioIO, view: TalkView,
+                 recorder: SessionRecorder | None, vad_model: SpeechProbability | None = None):
         self.settings, self.io, self.view, self.recorder = settings, io, view, recorder
-        self.echo = None
+        self.echo: Echo | None = None
         if settings.audio.echo_cancellation:
             from duplex_chat.audio.echo import EchoCanceller
 
@@ -138,7 +164,7 @@ class TalkSession:
             self.echo = EchoCanceller()
         self.player = SpeakerPlayer(io)
         self.session = Session(settings, conversation, self.player, self.on_event,
-                               vad_model=vad_model, echo=self.echo, raw_vad=raw_vad_model)
+                               vad_model=vad_model, echo=self.echo)
         self.stages: dict[str, float] = {}  # the engine's marks of the reply in flight
 
     def note(self, kind: str, **fields: Any) -> None:
@@ -248,7 +274,7 @@ class TalkSession:
 
 def talk_session(settings: Settings, conversation_factory: ConversationFactory, *,
                  console: Console | None = None, stop: threading.Event | None = None,
-                 vad_model: Any = None) -> int:
+                 vad_model: SpeechProbability | None = None) -> int:
     """Run one session with a conversation from `conversation_factory(settings)`.
 
     Tests pass a scripted factory, a recording Console and a `stop` event; `run_talk` passes the
@@ -279,7 +305,8 @@ def talk_session(settings: Settings, conversation_factory: ConversationFactory, 
     return 0
 
 
-def _session_loop(session, io, view, stop) -> None:
+def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
+                  stop: threading.Event | None) -> None:
     settings = session.settings
     aec = "on" if session.echo is not None else "off (headphones)"
     view.info(f"mic: {io.input_device.name} @ {io.in_rate} Hz, speaker: {io.output_device.name} "

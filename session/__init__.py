@@ -28,12 +28,12 @@ from .events import (
     UserSpeechStarted,
 )
 from .policy import SilencePolicy, TurnPolicy
-from .session import Session
+from .session import Echo, Session
 from .virtual import MODELED_FIRST_PACKET_S, VirtualPlayer
 from .worker import Player, Progress
 
 __all__ = [
-    "BargeInLapsed", "DeviceTrouble", "EngineEvent", "HistoryCut", "Interrupted",
+    "BargeInLapsed", "DeviceTrouble", "Echo", "EngineEvent", "HistoryCut", "Interrupted",
     "MODELED_FIRST_PACKET_S", "Player", "Progress", "ReplyAudible", "ReplyFinished",
     "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "TurnCommitted", "TurnPolicy",
     "UserSpeechEnded", "UserSpeechStarted", "VirtualPlayer",

@@ -21,13 +21,13 @@ import numpy as np
 
 from duplex_chat.audio.constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES
 from duplex_chat.audio.echo import echo_correlation
+from duplex_chat.audio.levels import SILENCE_DB, level_db
 from duplex_chat.audio.vad import SpeechProbability
 
 from .policy import OnsetTap
 
 BARGE_IN_WINDOWS = 2  # consecutive speech windows (32 ms each) that interrupt the reply
 HISTORY_S = 8.0  # cleaned mic audio kept for the pre-roll of a turn
-SILENCE_DB = -100.0  # level of digital silence
 ECHO_CORRELATION_MAX = 0.9
 ECHO_MAX_DELAY_S = 1.0  # longest echo path (device latencies + room) the checks consider
 ECHO_PROBE_S = 0.5  # stretch of the reply whose echo must have arrived within ECHO_MAX_DELAY_S
@@ -79,14 +79,6 @@ class RawOnset:
     def reset(self) -> None:
         self.tap.reset()
         self._carry = np.zeros(0, np.float32)
-
-
-def level_db(x: np.ndarray) -> float:
-    """RMS level of x in dBFS (SILENCE_DB for nothing or digital silence)."""
-    if len(x) == 0:
-        return SILENCE_DB
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
-    return max(SILENCE_DB, 20.0 * np.log10(rms + 1e-10))
 
 
 def _median_window_db(x: np.ndarray) -> float:
