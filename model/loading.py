@@ -248,6 +248,11 @@ def weight_quantization(settings: QwenSettings, raw_config: dict, device: torch.
                 f"The checkpoint's weights use {group.describe()}; duplex-chat's kernels take "
                 f"groups of {', '.join(map(str, GROUP_SIZES))} and FP8 blocks of "
                 f"{FP8_BLOCK}x{FP8_BLOCK} only.", hint="Use a checkpoint quantized with one of those.")
+    from .quant import kernels
+
+    if (scheme is not None or ct is not None) and device.type == "cuda" and kernels.triton is None:
+        raise DuplexError("Quantized weights on the GPU need the triton package, which is not "
+                          "installed.", hint="pip install triton (Linux), or drop --quantize.")
     uses_fp8 = (scheme is not None and scheme.kind == "float") or (
         ct is not None and any(g.scheme.kind == "float" for g in ct.groups))
     problem = fp8_problem(device) if uses_fp8 else None
@@ -281,8 +286,12 @@ def _oom_error(device: torch.device, settings: QwenSettings, config: dict) -> Du
     smaller = {"none": "try --quantize int8 (48 GB cards) or int4 (24-32 GB cards)",
                "int8": "try --quantize int4", "fp8": "try --quantize int4"}.get(
         settings.quantize, "lower qwen.max_context_tokens")
+    from .footprint import fits_cards
+
+    cards = fits_cards(int(need * GIB), settings.quantize)  # smallest first
+    fits = f" (the smallest common card it fits: {cards[0].name})" if cards else ""
     return DuplexError(
-        f"Out of GPU memory while loading: the model needs about {need:.0f} GiB, "
+        f"Out of GPU memory while loading: the model needs about {need:.0f} GiB{fits}, "
         f"{device} has {free / GIB:.1f} GiB free of {total / GIB:.1f} GiB.",
         hint=f"Close other GPU programs, {smaller}, or use a larger GPU.",
     )

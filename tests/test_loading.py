@@ -192,6 +192,7 @@ def test_out_of_memory_says_needed_free_and_what_to_try(monkeypatch, tiny_checkp
     assert "needs about 2 GiB" in message  # tiny weights + the fixed working margin
     assert "3.0 GiB free of 80.0 GiB" in message
     assert "--quantize int8" in message and "int4" in message and "larger GPU" in message
+    assert "smallest common card it fits: RTX 3090" in message  # 2 GiB
     # Everything was placed on the GPU but the vision tower, which waits on the CPU to be dropped.
     placement = seen["device_map"]
     assert placement["thinker.model.visual"] == "cpu"
