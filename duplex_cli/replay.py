@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -62,7 +62,7 @@ class TurnRecord:
     end_s: float  # where the detector placed the end of speech
     detected_s: float  # when the end of turn was known (the reply could start)
     text: str = ""
-    stages: dict = field(default_factory=dict)
+    stages: StageTimings | None = None  # the engine's timings of the reply (the session's sum)
     reply_start_s: float | None = None  # first reply sample on the timeline
     latency_s: float | None = None  # from end_s to reply_start_s (the session's ReplyAudible)
     latency_modelled: bool = True  # the first packet's time is MODELED_FIRST_PACKET_S, not measured
@@ -146,7 +146,7 @@ class Printer:
         self.console.print(text, end="", markup=False, highlight=False, soft_wrap=True)
 
     def turn_finished(self, record: TurnRecord) -> None:
-        s = record.stages
+        s = record.stages.stages if record.stages is not None else {}
         latency = record.latency_s
         how = "modelled" if record.latency_modelled else "measured"
         parts = [f"latency {latency * 1000:.0f} ms ({how})" if latency is not None else "no audio"]
@@ -188,7 +188,8 @@ class JsonPrinter:
         self._emit(event="turn_finished", turn=r.index, text=r.text, latency_s=r.latency_s,
                    latency="modelled" if r.latency_modelled else "measured",
                    reply_start_s=r.reply_start_s, reply_samples=r.reply_samples,
-                   interrupted_s=r.interrupted_s, heard_text=r.heard_text, stages=r.stages)
+                   interrupted_s=r.interrupted_s, heard_text=r.heard_text,
+                   stages=_rounded(r.stages))
 
     def note(self, message: str) -> None:
         self._emit(event="note", message=message)
@@ -196,6 +197,11 @@ class JsonPrinter:
     def summary(self, records, out, seconds) -> None:
         self._emit(event="summary", turns=len(records), out=str(out) if out else None,
                    seconds=seconds)
+
+
+def _rounded(stages: StageTimings | None) -> dict[str, float]:
+    """The measured stages by name for JSON, to the microsecond."""
+    return {k: round(v, 3) for k, v in stages.stages.items()} if stages is not None else {}
 
 
 def _clock(seconds: float) -> str:
@@ -289,7 +295,7 @@ class ReplaySession:
             record.text += event.text
             self.printer.text(event.text, record.index)
         elif isinstance(event, StageTimings):
-            record.stages = {k: round(v, 3) for k, v in event.stages.items()}
+            record.stages = self.session.reply_stages
         elif isinstance(event, HistoryTrimmed):
             self.printer.note(f"dropped the {event.dropped_turns} oldest turn(s) to fit the context")
 

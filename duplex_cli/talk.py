@@ -165,7 +165,6 @@ class TalkSession:
         self.player = SpeakerPlayer(io)
         self.session = Session(settings, conversation, self.player, self.on_event,
                                vad_model=vad_model, echo=self.echo)
-        self.stages: dict[str, float] = {}  # the engine's marks of the reply in flight
 
     def note(self, kind: str, **fields: Any) -> None:
         if self.recorder is not None:
@@ -205,7 +204,8 @@ class TalkSession:
             if self.recorder is not None:
                 self.recorder.event(event.event)
         elif isinstance(event, ev.ReplyAudible):
-            self.note("reply_latency", latency_ms=round(event.latency_ms, 1), stages=event.stages)
+            self.note("reply_latency", latency_ms=round(event.latency_ms, 1),
+                      stages=event.stages.stages if event.stages is not None else {})
         elif isinstance(event, ev.Interrupted):
             self.note("barge_in", heard_samples=event.heard_samples,
                       onset_sample=event.onset_sample, detect_sample=event.sample)
@@ -224,7 +224,6 @@ class TalkSession:
             view.user_turn(event.duration_s)
             view.set_state(TalkState.THINKING)
         elif isinstance(event, ev.ReplyStarted):
-            self.stages = {}
             view.reply_started()
         elif isinstance(event, ev.EngineEvent) and event.current:
             self._show_engine(event)
@@ -246,8 +245,9 @@ class TalkSession:
         if isinstance(event.event, TextDelta):
             self.view.reply_text(event.event.text, event.audio_at)
         elif isinstance(event.event, StageTimings):
-            self.stages.update(event.event.stages)
-            self.view.set_stages(self.stages)
+            stages = self.session.reply_stages  # the session's sum of the reply's timings
+            if stages is not None:
+                self.view.set_stages(stages.stages)
 
     # ---- run ------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> None:

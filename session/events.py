@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from duplex_chat.audio.constants import SAMPLE_RATE
-from duplex_chat.model.events import Event
+from duplex_chat.model.events import Event, StageTimings
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,12 @@ class ReplyAudible:
     """The first reply sample became audible (at `audible_sample`, which may be before `sample`,
     when the session learnt it). `latency_ms`: from the end of the user's speech to then, plus the
     microphone's input latency (Full-Duplex-Bench's response latency); `stages`: the engine's
-    marks so far."""
+    marks so far (None: none yet; the engine sends them as the reply ends, so usually none)."""
 
     sample: int
     turn: int
     latency_ms: float
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: StageTimings | None = None
     audible_sample: int = 0  # session sample where the reply's first sample became audible
 
 

@@ -18,8 +18,9 @@ every VAD window. The session's clock is the number of microphone samples heard.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -78,7 +79,7 @@ class _Reply:
     heard_at: int = 0  # session sample when `heard` last changed
     audible: bool = False
     worker_done: bool = False
-    stages: dict[str, float] = field(default_factory=dict)
+    stages: StageTimings | None = None  # the engine's marks so far (see `Session.reply_stages`)
 
 
 @dataclass
@@ -149,6 +150,13 @@ class Session:
         """The session's clock: microphone samples heard (after echo cancellation, which delays
         them by up to one 10 ms frame)."""
         return self.history.total
+
+    @property
+    def reply_stages(self) -> StageTimings | None:
+        """The engine's stage timings of the reply in flight so far (every StageTimings it sent,
+        later fields over earlier ones), None before the first or when no reply is in flight.
+        Up to date when the EngineEvent carrying a StageTimings is emitted."""
+        return self.reply.stages if self.reply is not None else None
 
     @property
     def replying(self) -> bool:
@@ -327,6 +335,9 @@ class Session:
     def _engine_event(self, out: EngineOutput) -> None:
         reply = self.reply if self.reply is not None and self.reply.id == out.reply else None
         event = out.event
+        if reply is not None and isinstance(event, StageTimings):
+            reply.stages = (event if reply.stages is None
+                            else dataclasses.replace(reply.stages, **event.stages))
         self.emit(ev.EngineEvent(self.now, event, reply.produced if reply else 0, reply is not None))
         if reply is None:
             return
@@ -334,8 +345,6 @@ class Session:
             self.emit(ev.ReplyStarted(self.now, reply.turn))
         elif isinstance(event, AudioPacket):
             reply.produced += len(event.samples)
-        elif isinstance(event, StageTimings):
-            reply.stages.update(event.stages)
         elif isinstance(event, TurnFinished):
             reply.produced = max(reply.produced, event.audio_samples)
 
@@ -363,7 +372,7 @@ class Session:
             # live speaker), so place that moment from what was heard, not at this later look.
             audible_at = round(self.now - progress.heard * SAMPLE_RATE / OUTPUT_SAMPLE_RATE)
         latency_s = (audible_at - reply.speech_end) / SAMPLE_RATE + self.input_latency_s
-        self.emit(ev.ReplyAudible(self.now, reply.turn, 1000.0 * latency_s, dict(reply.stages),
+        self.emit(ev.ReplyAudible(self.now, reply.turn, 1000.0 * latency_s, reply.stages,
                                   audible_at))
 
     def _track_pending(self) -> None:

@@ -12,6 +12,7 @@ from rich.console import Console
 from duplex_chat.audio.constants import SAMPLE_RATE
 from duplex_chat.cli.replay import JsonPrinter, Printer, ReplaySession, ReplyTimeline
 from duplex_chat.config import load_settings
+from duplex_chat.model.events import StageTimings
 from duplex_chat.session import MODELED_FIRST_PACKET_S
 
 from .fake_engine import Reply, ScriptedConversation, chirp
@@ -48,6 +49,11 @@ def test_a_file_ending_right_after_the_speech_still_times_the_reply():
     assert record.latency_s == pytest.approx(record.detected_s - record.end_s + MODELED_FIRST_PACKET_S,
                                              abs=1e-4)
     assert record.latency_s > 0
+
+
+def test_the_record_keeps_the_sessions_typed_stage_timings():
+    (record,) = replay([silence(0.5), speech(1.0), silence(2.0)], measured=False).records
+    assert record.stages == StageTimings(0, prefill=5.0, first_packet=COMPUTE_S * 1000.0)
 
 
 def test_printed_and_json_latency_say_how_they_were_got(capsys):

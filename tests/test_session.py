@@ -15,7 +15,7 @@ import pytest
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, VAD_WINDOW_SAMPLES
 from duplex_chat.config import load_settings
 from duplex_chat.model.events import Interrupted as EngineInterrupted
-from duplex_chat.model.events import TurnFinished
+from duplex_chat.model.events import StageTimings, TurnFinished
 from duplex_chat.session import MODELED_FIRST_PACKET_S, Progress, Session, VirtualPlayer
 from duplex_chat.session import events as ev
 
@@ -378,6 +378,26 @@ def test_the_fake_refuses_truncate_once_the_next_turn_started():
     conversation.feed(np.zeros(160, np.float32))
     with pytest.raises(RuntimeError):
         conversation.truncate(100)
+
+
+class LateTimings(ScriptedConversation):
+    """Sends a second StageTimings after the reply, as an engine may add its totals at the end."""
+
+    def end_turn(self):
+        turn = self._turn
+        yield from super().end_turn()
+        yield StageTimings(turn, prefill=7.0, total=123.0)
+
+
+def test_stage_timings_add_up_typed_for_the_reply_in_flight():
+    h = Harness(conversation_class=LateTimings)
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    (audible,) = h.of(ev.ReplyAudible)
+    # The scripted engine's first StageTimings (first_packet 0, prefill 5), then the late one.
+    assert audible.stages == StageTimings(0, prefill=7.0, first_packet=0.0, total=123.0)
+    assert h.session.reply_stages == audible.stages
+    h.hear(silence(REPLY_S + 0.5))
+    assert h.of(ev.ReplyFinished) and h.session.reply_stages is None
 
 
 def test_close_during_a_reply_stops_it_and_the_worker():
