@@ -206,9 +206,14 @@ class TalkSession:
         elif isinstance(event, ev.ReplyAudible):
             self.note("reply_latency", latency_ms=round(event.latency_ms, 1),
                       stages=event.stages.stages if event.stages is not None else {})
+        elif isinstance(event, ev.Interrupted) and event.cause == "close":
+            self.note("reply_stopped", turn=event.turn, heard_samples=event.heard_samples)
         elif isinstance(event, ev.Interrupted):
             self.note("barge_in", heard_samples=event.heard_samples,
                       onset_sample=event.onset_sample, detect_sample=event.sample)
+        elif isinstance(event, ev.TurnDiscarded):
+            self.note("user_turn_discarded", turn=event.turn, start_sample=event.start_sample,
+                      end_sample=event.end_sample)
         elif isinstance(event, ev.DeviceTrouble):
             message = {"message": event.message} if event.message else {}
             self.note(event.kind, **message, **event.details)
@@ -232,7 +237,8 @@ class TalkSession:
             view.set_state(TalkState.SPEAKING)
         elif isinstance(event, ev.Interrupted):
             view.reply_finished(interrupted=True)
-            view.set_state(TalkState.INTERRUPTED)
+            if event.cause == "barge_in":
+                view.set_state(TalkState.INTERRUPTED)
         elif isinstance(event, ev.HistoryCut):
             view.set_heard_text(event.text)
         elif isinstance(event, ev.ReplyFinished):

@@ -24,6 +24,7 @@ from .events import (
     ReplyStarted,
     SessionEvent,
     TurnCommitted,
+    TurnDiscarded,
     UserSpeechEnded,
     UserSpeechStarted,
 )
@@ -35,6 +36,6 @@ from .worker import Player, Progress
 __all__ = [
     "BargeInLapsed", "DeviceTrouble", "Echo", "EngineEvent", "HistoryCut", "Interrupted",
     "MODELED_FIRST_PACKET_S", "Player", "Progress", "ReplyAudible", "ReplyFinished",
-    "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "TurnCommitted", "TurnPolicy",
+    "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "TurnCommitted", "TurnDiscarded", "TurnPolicy",
     "UserSpeechEnded", "UserSpeechStarted", "VirtualPlayer",
 ]

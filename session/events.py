@@ -8,6 +8,7 @@ samples, as in `duplex_chat.model.events`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from duplex_chat.audio.constants import SAMPLE_RATE
 from duplex_chat.model.events import Event, StageTimings
@@ -83,14 +84,28 @@ class ReplyAudible:
 
 @dataclass(frozen=True)
 class Interrupted:
-    """The user barged in: playback stopped and the reply was cancelled. `heard_samples` is what
-    had been heard, or None when the player reports it later (see HistoryCut). `onset_sample`
-    is where the interrupting speech began."""
+    """Reply `turn` was stopped before it played out: playback stopped and the engine was
+    cancelled. `heard_samples` (24 kHz) is what had been heard, or None when the player reports
+    it later. `cause`: "barge_in", the user spoke over it (`onset_sample` is where that speech
+    began; a HistoryCut follows once what was heard is known); or "close", `Session.close()` cut
+    it (`onset_sample` is the close; no HistoryCut follows: the conversation ends there)."""
 
     sample: int
     turn: int
     heard_samples: int | None
     onset_sample: int
+    cause: Literal["barge_in", "close"] = "barge_in"
+
+
+@dataclass(frozen=True)
+class TurnDiscarded:
+    """`Session.close()` found the user's turn `turn` still open, [start_sample, end_sample)
+    with end_sample the close: it is dropped, never committed (no reply is asked for it)."""
+
+    sample: int
+    turn: int
+    start_sample: int
+    end_sample: int
 
 
 @dataclass(frozen=True)
@@ -137,4 +152,4 @@ class DeviceTrouble:
 
 SessionEvent = (UserSpeechStarted | UserSpeechEnded | TurnCommitted | ReplyStarted | EngineEvent
                 | ReplyAudible | Interrupted | HistoryCut | ReplyFinished | BargeInLapsed
-                | DeviceTrouble)
+                | TurnDiscarded | DeviceTrouble)

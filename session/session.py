@@ -144,6 +144,7 @@ class Session:
         self.barge_onset: int | None = None  # onset of the speech that interrupted
         self.speech: _Speech | None = None  # speech over the reply, not a turn
         self.interrupted_at: int | None = None
+        self.closed = False
 
     @property
     def now(self) -> int:
@@ -201,12 +202,27 @@ class Session:
         self.emit(ev.DeviceTrouble(self.now, kind, message, details))
 
     def close(self) -> None:
-        """Stop the reply and the worker, without waiting long on the model."""
+        """End the session: stop the reply and the worker, without waiting long on the model.
+
+        What it cuts is told like anything else: a reply in flight (asked for, not yet played
+        out) ends with `Interrupted(cause="close")` and what was heard, with no HistoryCut after
+        it; a user turn still open ends with `TurnDiscarded` (it is never committed: no reply
+        would come). A cut whose heard report was still awaited after a barge-in is dropped.
+        Call nothing else on the session afterwards; a second close does nothing."""
+        if self.closed:
+            return
+        self.closed = True
         self.worker.stopping.set()
-        _, kept = self.gate.stop(self.player)
+        heard, kept = self.gate.stop(self.player)
         self.conversation.cancel(kept)
         self.worker.submit(Stop())
         self.worker.join(WORKER_JOIN_TIMEOUT_S)
+        reply, self.reply, self.pending = self.reply, None, None
+        if reply is not None:
+            self.emit(ev.Interrupted(self.now, reply.turn, heard, self.now, cause="close"))
+        if self.turn_start is not None:
+            start, self.turn_start = self.turn_start, None
+            self.emit(ev.TurnDiscarded(self.now, self.turns, start, self.now))
 
     # ---- one window's worth of audio ------------------------------------------------------
     def _step(self, clean: np.ndarray) -> None:

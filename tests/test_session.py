@@ -404,6 +404,7 @@ def test_close_during_a_reply_stops_it_and_the_worker():
     h = Harness(threaded=True, realtime_factor=1.0, reply_s=5.0)
     h.hear(silence(0.5), speech(1.0), silence(0.8))
     _wait(lambda: h.player.samples > 0)
+    heard = h.player.progress().heard
     h.session.close()
     assert not h.session.worker._thread.is_alive()
     engine = [e for _, name, e in h.conversation.calls if name == "stopped"]
@@ -411,6 +412,31 @@ def test_close_during_a_reply_stops_it_and_the_worker():
     written = h.player.samples
     time.sleep(0.1)
     assert h.player.samples == written  # nothing more reaches the player
+    # A listener learns the reply was cut, and how much of it was heard; nothing else follows.
+    assert h.events[-1] == ev.Interrupted(h.session.now, 0, heard, h.session.now, cause="close")
+    assert h.of(ev.ReplyFinished) == [] and h.of(ev.TurnDiscarded) == []
+    h.session.close()
+    assert len(h.of(ev.Interrupted)) == 1  # closing twice tells nothing twice
+
+
+def test_close_with_the_user_turn_open_discards_it():
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0))
+    (started,) = h.of(ev.UserSpeechStarted)
+    h.session.close()
+    assert h.events[-1] == ev.TurnDiscarded(h.session.now, 0, started.turn_start, h.session.now)
+    assert h.of(ev.TurnCommitted) == [] and h.calls("end_turn") == []
+    assert h.of(ev.Interrupted) == []
+
+
+def test_close_when_idle_tells_nothing():
+    h = Harness()
+    h.hear(silence(0.5), speech(1.0), silence(1.0))
+    h.hear(silence(REPLY_S + 0.5))
+    assert h.of(ev.ReplyFinished)
+    count = len(h.events)
+    h.session.close()
+    assert len(h.events) == count
 
 
 def test_importing_the_session_pulls_in_no_ui_or_device_library():
