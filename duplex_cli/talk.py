@@ -186,40 +186,9 @@ class TalkSession:
 
     # ---- session events: the recording and the view ----------------------------------------
     def on_event(self, event: ev.SessionEvent) -> None:
-        self._record(event)
+        if self.recorder is not None:
+            self.recorder.session_event(event)  # the log's names: recorder.py
         self._show(event)
-
-    def _record(self, event: ev.SessionEvent) -> None:
-        """Log lines under the names earlier recordings used (README, `--record DIR`)."""
-        if isinstance(event, ev.UserSpeechStarted):
-            self.note("speech_started", onset_sample=event.onset_sample,
-                      audio_start=event.audio_start)
-            if event.turn_start is not None:
-                self.note("user_turn_started", start_sample=event.turn_start)
-        elif isinstance(event, ev.UserSpeechEnded):
-            self.note("speech_ended", end_sample=event.end_sample)
-        elif isinstance(event, ev.TurnCommitted):
-            self.note("user_turn", duration_s=round(event.duration_s, 3))
-        elif isinstance(event, ev.EngineEvent):
-            if self.recorder is not None:
-                self.recorder.event(event.event)
-        elif isinstance(event, ev.ReplyAudible):
-            self.note("reply_latency", latency_ms=round(event.latency_ms, 1),
-                      stages=event.stages.stages if event.stages is not None else {})
-        elif isinstance(event, ev.Interrupted) and event.cause == "close":
-            self.note("reply_stopped", turn=event.turn, heard_samples=event.heard_samples)
-        elif isinstance(event, ev.Interrupted):
-            self.note("barge_in", heard_samples=event.heard_samples,
-                      onset_sample=event.onset_sample, detect_sample=event.sample)
-        elif isinstance(event, ev.TurnDiscarded):
-            self.note("user_turn_discarded", turn=event.turn, start_sample=event.start_sample,
-                      end_sample=event.end_sample)
-        elif isinstance(event, ev.DeviceTrouble):
-            message = {"message": event.message} if event.message else {}
-            self.note(event.kind, **message, **event.details)
-        elif isinstance(event, (ev.HistoryCut, ev.ReplyFinished, ev.BargeInLapsed)):
-            if self.recorder is not None:
-                self.recorder.event(event)
 
     def _show(self, event: ev.SessionEvent) -> None:
         view = self.view

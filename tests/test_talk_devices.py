@@ -58,7 +58,7 @@ def test_speech_gets_reply_with_measured_latency(vaudio, tmp_path):
           f"({result.events('session_ended')[0]['output_underflows']} output underflows)")
     assert 0.6 < heard_latency < 2.5
     assert 600 < app_latency < 1500
-    turn = result.events("TurnFinished")[0]
+    turn = result.events("turn_finished")[0]
     assert turn["text"] == "Sunny and warm."
     mic = sf.read(next(result.record_dir.glob("*-mic.wav")))[0]
     assistant, rate = sf.read(next(result.record_dir.glob("*-assistant.wav")))
@@ -106,8 +106,8 @@ def test_barge_in_stops_playback_and_starts_new_turn(vaudio, tmp_path):
     assert later and later[0]["start_sample"] <= onset - 4800  # pre-roll kept
     assert len(conversation.called("end_turn")) == 2
     # Playback really stopped: the long reply is not heard to its end.
-    assert result.events("TurnFinished")[-1]["audio_samples"] < len(long_reply)
-    assert len(result.events("Interrupted")) == 1
+    assert result.events("turn_finished")[-1]["audio_samples"] < len(long_reply)
+    assert len(result.events("interrupted")) == 1
 
 
 def _onset_after(mic: np.ndarray, start: int, threshold: float = 0.02) -> int:
@@ -134,7 +134,7 @@ def test_echo_of_reply_triggers_barge_in_only_without_aec(vaudio, tmp_path, echo
     barge_ins = result.events("barge_in")
     print(f"\necho, AEC {'on' if echo_cancellation else 'off'}: {len(barge_ins)} barge-in(s)")
     if echo_cancellation:
-        assert barge_ins == [] and result.events("Interrupted") == []
-        assert result.events("TurnFinished")  # the reply played to its end
+        assert barge_ins == [] and result.events("interrupted") == []
+        assert result.events("turn_finished")  # the reply played to its end
     else:
         assert barge_ins, "the reply's own echo should interrupt it without echo cancellation"
