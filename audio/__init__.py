@@ -6,8 +6,8 @@ Modules (import them directly; this package imports nothing heavy on its own):
   files      read any WAV/FLAC/OGG/MP3 (any rate, channels, sample format) as 16 kHz mono float32,
              whole (`read_audio`) or block by block (`iter_audio_blocks`); `audio_info`; `write_wav`.
   resample   `StreamResampler`: soxr's streaming resampler for chunked audio (files, mic, speaker).
-  vad        `SileroVad` probabilities, the streaming `VoiceActivity` turn detector, and offline
-             `find_turns` for replay.
+  vad        `SileroVad` probabilities and the streaming `VoiceActivity` speech detector (the
+             session's turn policy runs it, for talk and replay alike).
   levels     `level_db`: RMS level in dBFS (talk's input meter, the session's echo checks).
   devices, stream, features, echo  sound devices, live streams, log-mel features, echo cancelling.
 

@@ -2,8 +2,8 @@
 
 `SileroVad` gives the speech probability of one 32 ms window. `VoiceActivity` is a streaming
 state machine over any chunking of 16 kHz audio (live microphone or a file read block by block);
-`find_turns` runs it over a whole file for `replay`. All sample indices count 16 kHz samples
-from the first sample fed (for a file: from its start).
+the session's `SilencePolicy` (session/policy.py) runs it for both `talk` and `replay`. All sample
+indices count 16 kHz samples from the first sample fed (for a file: from its start).
 
 Rules (settings from `[vad]`): speech starts at the first window whose probability reaches
 `threshold`, and is reported once the probability has stayed at or above `neg_threshold` for
@@ -18,7 +18,7 @@ from __future__ import annotations
 import enum
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -228,59 +228,3 @@ class VoiceActivity:
     def _end_turn(self, end: int) -> SpeechEnded:
         self._state, self._last_end, self._silence_start = _State.SILENCE, end, None
         return SpeechEnded(end)
-
-
-@dataclass(frozen=True)
-class Turn:
-    """One user turn on a file's 16 kHz timeline; samples [start_sample, end_sample)."""
-
-    start_sample: int  # onset minus pre-roll (clipped at 0 and at the previous turn's end)
-    end_sample: int  # where the silence after the speech began
-    onset_sample: int  # where the speech itself began
-
-    @property
-    def start_s(self) -> float:
-        return self.start_sample / SAMPLE_RATE
-
-    @property
-    def end_s(self) -> float:
-        return self.end_sample / SAMPLE_RATE
-
-    @property
-    def duration_s(self) -> float:
-        return (self.end_sample - self.start_sample) / SAMPLE_RATE
-
-
-def find_turns(
-    blocks: Iterable[np.ndarray],
-    vad_settings: VadSettings,
-    progress: Callable[[float], None] | None = None,
-    vad: SpeechProbability | None = None,
-) -> list[Turn]:
-    """Find the user turns in a stream of 16 kHz mono float32 blocks (e.g. `iter_audio_blocks`).
-
-    Holds one block at a time. `progress(seconds_done)` is called after each block. `vad`
-    defaults to a fresh `SileroVad`.
-    """
-    activity = VoiceActivity(vad_settings, vad)
-    turns: list[Turn] = []
-    started: SpeechStarted | None = None
-    done = 0
-
-    def take(events: list[VadEvent]) -> None:
-        nonlocal started
-        for event in events:
-            if isinstance(event, SpeechStarted):
-                started = event
-            elif started is not None:
-                turns.append(Turn(started.audio_start_index, event.sample_index,
-                                  started.sample_index))
-                started = None
-
-    for block in blocks:
-        take(activity.feed(block))
-        done += len(block)
-        if progress is not None:
-            progress(done / SAMPLE_RATE)
-    take(activity.finish())
-    return turns

@@ -1,4 +1,4 @@
-"""Voice activity: the Silero wrapper, the streaming state machine and offline turn finding."""
+"""Voice activity: the Silero wrapper and the streaming state machine."""
 
 from __future__ import annotations
 
@@ -15,9 +15,7 @@ from duplex_chat.audio.vad import (
     SileroVad,
     SpeechEnded,
     SpeechStarted,
-    Turn,
     VoiceActivity,
-    find_turns,
 )
 from duplex_chat.config import DuplexError, VadSettings, load_settings
 
@@ -45,6 +43,16 @@ class LevelVad:
 def levels(*segments: tuple[float, int]) -> np.ndarray:
     """Constant-level signal: each (probability, n_windows) segment, float32 (n,)."""
     return np.concatenate([np.full(n * W, p, np.float32) for p, n in segments])
+
+
+def turns_of(blocks, settings: VadSettings, vad=None) -> list[tuple[int, int, int]]:
+    """(audio start, end, onset) of each turn `VoiceActivity` finds in `blocks`, fed in order."""
+    activity = VoiceActivity(settings, vad)
+    events = [e for block in blocks for e in activity.feed(block)] + activity.finish()
+    starts = [e for e in events if isinstance(e, SpeechStarted)]
+    ends = [e for e in events if isinstance(e, SpeechEnded)]
+    assert len(starts) == len(ends)
+    return [(s.audio_start_index, e.sample_index, s.sample_index) for s, e in zip(starts, ends)]
 
 
 def feed_in_chunks(activity: VoiceActivity, signal: np.ndarray, sizes) -> list:
@@ -113,11 +121,10 @@ def test_pre_roll_is_clipped_at_zero_and_at_the_previous_turn():
     settings = VadSettings(threshold=0.5, neg_threshold=0.35, min_speech_ms=256,
                            end_of_turn_ms=640, pre_roll_ms=1000)  # pre-roll 31.25 windows
     signal = levels((0.0, 3), (0.9, 10), (0.0, 25), (0.9, 10), (0.0, 60), (0.9, 10), (0.0, 30))
-    turns = find_turns([signal], settings, vad=LevelVad())
-    assert turns == [
-        Turn(start_sample=0, end_sample=13 * W, onset_sample=3 * W),
-        Turn(start_sample=13 * W, end_sample=48 * W, onset_sample=38 * W),
-        Turn(start_sample=108 * W - 16_000, end_sample=118 * W, onset_sample=108 * W),
+    assert turns_of([signal], settings, vad=LevelVad()) == [
+        (0, 13 * W, 3 * W),
+        (13 * W, 48 * W, 38 * W),
+        (108 * W - 16_000, 118 * W, 108 * W),
     ]
 
 
@@ -131,27 +138,6 @@ def test_finish_closes_an_open_turn():
     assert activity.samples_fed == 0 and activity.vad.resets == 2
     activity.feed(levels((0.9, 10), (0.1, 5)))
     assert activity.finish() == [SpeechEnded(10 * W)]  # at the silence start
-
-
-def test_find_turns_over_a_one_hour_timeline():
-    hour, speech_at, speech_until, last_at = 3600, 3540, 3552, 3584  # seconds, window-aligned
-
-    def blocks():
-        t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
-        for second in range(hour):
-            speaking = speech_at <= second < speech_until or second >= last_at
-            yield np.full_like(t, 0.9 if speaking else 0.0, dtype=np.float32)
-
-    seen = []
-    turns = find_turns(blocks(), SETTINGS, progress=seen.append, vad=LevelVad())
-
-    pre_roll, r = 320 * SAMPLE_RATE // 1000, SAMPLE_RATE
-    assert turns == [
-        Turn(speech_at * r - pre_roll, speech_until * r, speech_at * r),
-        Turn(last_at * r - pre_roll, hour * r, last_at * r),
-    ]
-    assert turns[0].start_s == pytest.approx(3539.68) and turns[1].end_s == hour
-    assert len(seen) == hour and seen[-1] == hour and seen == sorted(seen)
 
 
 def test_voice_activity_rejects_integer_samples():
@@ -174,24 +160,22 @@ def test_turns_in_espeak_speech_match_the_sentences(tmp_path):
     speech, edges = sentences_with_pauses(SENTENCES, pause_s=1.5)
     path = write_wav(tmp_path / "speech.wav", speech, SAMPLE_RATE)
     settings = load_settings(environ={}).vad  # the shipped defaults
-    seen = []
 
-    turns = find_turns(iter_audio_blocks(path, block_s=1.0), settings, progress=seen.append)
+    turns = turns_of(iter_audio_blocks(path, block_s=1.0), settings)
 
     assert len(turns) == len(SENTENCES)
     pre_roll = settings.pre_roll_ms * SAMPLE_RATE // 1000
-    for turn, (start, end) in zip(turns, edges):
-        assert abs(turn.onset_sample - start) <= EDGE_TOLERANCE, (turn, start)
-        assert abs(turn.end_sample - end) <= EDGE_TOLERANCE, (turn, end)
-        assert turn.start_sample == max(turn.onset_sample - pre_roll, 0)
-    assert seen[-1] == pytest.approx(len(speech) / SAMPLE_RATE)
+    for (audio_start, turn_end, onset), (start, end) in zip(turns, edges):
+        assert abs(onset - start) <= EDGE_TOLERANCE, (onset, start)
+        assert abs(turn_end - end) <= EDGE_TOLERANCE, (turn_end, end)
+        assert audio_start == max(onset - pre_roll, 0)
 
 
 @pytest.mark.parametrize("rms", [0.0, 0.003, 0.01])
 def test_no_turns_in_silence_or_quiet_white_noise(rms):
     noise = rms * np.random.default_rng(0).standard_normal(6 * SAMPLE_RATE).astype(np.float32)
     blocks = np.array_split(noise, 7)
-    assert find_turns(blocks, load_settings(environ={}).vad) == []
+    assert turns_of(blocks, load_settings(environ={}).vad) == []
 
 
 @requires_espeak
