@@ -66,7 +66,7 @@ class TurnRecord:
     reply_start_s: float | None = None  # first reply sample on the timeline
     latency_s: float | None = None  # from end_s to reply_start_s (the session's ReplyAudible)
     latency_modelled: bool = True  # the first packet's time is MODELED_FIRST_PACKET_S, not measured
-    reply_samples: int = 0  # reply samples heard (all of it, unless interrupted)
+    reply_s: float = 0.0  # seconds of the reply heard (all of it, unless interrupted)
     interrupted_s: float | None = None  # when the user barged in, if they did
     heard_text: str | None = None  # what history kept of an interrupted reply
 
@@ -152,7 +152,7 @@ class Printer:
         parts = [f"latency {latency * 1000:.0f} ms ({how})" if latency is not None else "no audio"]
         if record.interrupted_s is not None:
             parts.append(f"interrupted at {_clock(record.interrupted_s)} after "
-                         f"{record.reply_samples / OUTPUT_SAMPLE_RATE:.1f} s, kept "
+                         f"{record.reply_s:.1f} s, kept "
                          f"{record.heard_text!r}")
         for key, label, unit in (("first_token", "first token", "ms"),
                                  ("first_packet", "first packet", "ms"),
@@ -187,7 +187,7 @@ class JsonPrinter:
     def turn_finished(self, r: TurnRecord) -> None:
         self._emit(event="turn_finished", turn=r.index, text=r.text, latency_s=r.latency_s,
                    latency="modelled" if r.latency_modelled else "measured",
-                   reply_start_s=r.reply_start_s, reply_samples=r.reply_samples,
+                   reply_start_s=r.reply_start_s, reply_s=r.reply_s,
                    interrupted_s=r.interrupted_s, heard_text=r.heard_text,
                    stages=_rounded(r.stages))
 
@@ -302,7 +302,7 @@ class ReplaySession:
     def _reply_over(self, event: ReplyFinished | HistoryCut) -> None:
         """The reply played out, or was cut (HistoryCut follows the barge-in at once here)."""
         record = self.records[event.turn]
-        record.reply_samples = event.heard_samples
+        record.reply_s = event.heard_samples / OUTPUT_SAMPLE_RATE
         if isinstance(event, HistoryCut):
             record.heard_text = event.text
         self.printer.turn_finished(record)

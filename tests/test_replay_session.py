@@ -4,6 +4,7 @@ espeak. The latency it reports is the session's, modelled unless asked to be mea
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -54,6 +55,14 @@ def test_a_file_ending_right_after_the_speech_still_times_the_reply():
 def test_the_record_keeps_the_sessions_typed_stage_timings():
     (record,) = replay([silence(0.5), speech(1.0), silence(2.0)], measured=False).records
     assert record.stages == StageTimings(0, prefill=5.0, first_packet=COMPUTE_S * 1000.0)
+
+
+def test_json_gives_the_reply_heard_in_seconds(capsys):
+    replay([silence(0.5), speech(1.0), silence(2.0)], False, JsonPrinter())
+    (finished,) = [e for e in map(json.loads, capsys.readouterr().out.splitlines())
+                   if e["event"] == "turn_finished"]
+    assert finished["reply_s"] == 1.0 and "reply_samples" not in finished  # chirp(1.0), whole
+    assert finished["stages"] == {"prefill": 5.0, "first_packet": COMPUTE_S * 1000.0}
 
 
 def test_printed_and_json_latency_say_how_they_were_got(capsys):
