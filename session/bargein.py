@@ -28,11 +28,22 @@ from .policy import OnsetTap
 
 BARGE_IN_WINDOWS = 2  # consecutive speech windows (32 ms each) that interrupt the reply
 HISTORY_S = 8.0  # cleaned mic audio kept for the pre-roll of a turn
+# Normalised correlation, unitless in [0, 1] (audio/echo.py's `echo_correlation`), at or above
+# which the onset of a barge-in is taken for the reply's own echo. 0.9 sits between the two
+# cases measured: residual echo after an echo path delay jump is a near-exact delayed copy
+# (~1.0), while espeak speech against a spoken reply stays under 0.8.
 ECHO_CORRELATION_MAX = 0.9
 ECHO_MAX_DELAY_S = 1.0  # longest echo path (device latencies + room) the checks consider
 ECHO_PROBE_S = 0.5  # stretch of the reply whose echo must have arrived within ECHO_MAX_DELAY_S
+# dB relative to the reply (a level difference, not dBFS): over the probe, the raw microphone's
+# median window level must stay at least this far under the median window level of what played
+# for the session to conclude that no echo reaches the mic (a headset, a muted speaker). Only
+# then may the raw-mic VAD interrupt, since with an echo path speech on the raw mic may be the
+# reply itself. Why 40: a loudspeaker the mic can hear leaves an echo much closer to the reply's
+# level, so a wide margin keeps a real echo path from passing for none; the exact value is a
+# margin chosen with that in mind, not a tuned threshold (no measurement of it is recorded here).
 NO_ECHO_DB = -40.0
-AUDIBLE_REPLY_DB = -45.0  # median window level of the reply above which its echo would show
+AUDIBLE_REPLY_DB = -45.0  # dBFS: median window level of the reply above which its echo would show
 
 
 class History:
@@ -44,9 +55,11 @@ class History:
 
     @property
     def capacity(self) -> int:
+        """Samples kept (`seconds` at 16 kHz)."""
         return len(self._buf)
 
     def append(self, x: np.ndarray) -> None:
+        """Add x (n,) float32 at the end; the oldest samples fall out."""
         x = x[-len(self._buf):]
         self._buf = np.roll(self._buf, -len(x))
         self._buf[len(self._buf) - len(x):] = x
@@ -67,9 +80,11 @@ class RawOnset:
 
     @property
     def run(self) -> int:
+        """Consecutive speech windows on the raw stream, up to the last whole window."""
         return self.tap.run
 
     def feed(self, samples: np.ndarray) -> None:
+        """Hear raw samples (n,) float32 at 16 kHz; a partial window waits for the next feed."""
         data = np.concatenate([self._carry, samples])
         n = len(data) // VAD_WINDOW_SAMPLES
         for k in range(n):
@@ -77,6 +92,7 @@ class RawOnset:
         self._carry = data[n * VAD_WINDOW_SAMPLES:]
 
     def reset(self) -> None:
+        """Forget the model's state, the run and any partial window."""
         self.tap.reset()
         self._carry = np.zeros(0, np.float32)
 

@@ -16,13 +16,16 @@ from duplex_chat.model.events import Event, StageTimings
 
 @dataclass(frozen=True)
 class UserSpeechStarted:
-    """The policy confirmed speech whose onset is `onset_sample`. `turn_start` is where the
-    user's turn begins (onset minus pre-roll, or the speech that barged in), or None when the
-    speech is not a turn (a reply is playing and did not give way)."""
+    """The policy confirmed speech whose onset is `onset_sample`. `audio_start` is where that
+    speech's audio begins: the onset minus the pre-roll ([vad] pre_roll_ms, so the first
+    syllable's lead-in is kept), never before the previous turn's end nor sample 0. `turn_start`
+    is where the user's turn begins: usually `audio_start`, earlier when the turn keeps speech
+    that barged in before the policy confirmed it; None when the speech is not a turn (a reply
+    is playing and did not give way). All are session samples (16 kHz)."""
 
     sample: int
-    onset_sample: int
-    audio_start: int
+    onset_sample: int  # first VAD window of the speech
+    audio_start: int  # onset minus pre-roll, clipped as above
     turn_start: int | None
 
 
@@ -45,6 +48,8 @@ class TurnCommitted:
 
     @property
     def duration_s(self) -> float:
+        """Seconds of the turn's audio, pre-roll included, up to where the final silence began
+        (the end-of-turn silence itself is not counted)."""
         return (self.end_sample - self.start_sample) / SAMPLE_RATE
 
 

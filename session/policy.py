@@ -54,11 +54,13 @@ class OnsetTap:
         vad.reset()
 
     def prob(self, window: np.ndarray) -> float:
+        """The model's speech probability of one 512-sample window; updates `run`."""
         p = self.vad.prob(window)
         self.run = self.run + 1 if p >= self.threshold else 0
         return p
 
     def reset(self) -> None:
+        """Forget the model's state and the run."""
         self.vad.reset()
         self.run = 0
 
@@ -72,10 +74,13 @@ class SilencePolicy:
 
     @property
     def speech_run(self) -> int:
+        """See `TurnPolicy.speech_run`."""
         return self.tap.run
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
+        """See `TurnPolicy.feed`: VoiceActivity's start and end events."""
         return self.activity.feed(samples)
 
     def finish(self) -> list[VadEvent]:
+        """See `TurnPolicy.finish`: an open turn ends at its silence start or the last sample."""
         return self.activity.finish()

@@ -50,14 +50,18 @@ class VirtualPlayer:
         self._begun_wall = 0.0
 
     def begin_reply(self, reply: int) -> None:
+        """A new reply: it will sound `first_packet_s` after now (see `write`)."""
         self.reply, self.start, self.samples = reply, None, 0
         self.ended = self.stopped = False
         self._begun_at, self._begun_wall = self.clock(), time.perf_counter()
 
     def room_s(self) -> float:
+        """Unlimited: the whole reply is placed at once."""
         return float("inf")
 
     def write(self, samples: np.ndarray) -> None:
+        """Place reply audio (n,) float32 at 24 kHz right after what was written before; the
+        first write fixes where the reply starts."""
         if self.start is None:
             delay = (self.first_packet_s if self.first_packet_s is not None
                      else time.perf_counter() - self._begun_wall)
@@ -67,9 +71,11 @@ class VirtualPlayer:
         self.samples += len(samples)
 
     def end_reply(self) -> None:
+        """No more audio: the reply finishes once the clock passes its last sample."""
         self.ended = True
 
     def stop(self) -> int:
+        """Cut the reply at the clock's position; returns the samples (24 kHz) heard by then."""
         heard = self._heard()
         self.stopped, self.samples = True, heard
         if self.placement is not None and self.start is not None:
@@ -77,6 +83,7 @@ class VirtualPlayer:
         return heard
 
     def progress(self) -> Progress:
+        """What of the reply the clock has passed, and where it became audible (exact here)."""
         heard = self._heard()
         audible = None if self.start is None or heard == 0 else _in_sample(self.start)
         return Progress(self.reply, heard, self.stopped or (self.ended and heard >= self.samples),

@@ -237,12 +237,15 @@ class Worker(InlineWorker):
         self._thread = threading.Thread(target=self._run, name="duplex-worker", daemon=True)
 
     def start(self) -> None:
+        """Start the thread."""
         self._thread.start()
 
     def submit(self, command: Command) -> None:
+        """Queue `command`; the thread runs commands in order."""
         self.commands.put(command)
 
     def join(self, timeout: float | None = None) -> None:
+        """Wait at most `timeout` seconds for the thread to end (after a Stop)."""
         if self._thread.is_alive():
             self._thread.join(timeout)
 
