@@ -92,6 +92,20 @@ class UiSettings:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    host: str = field(metadata={"nonempty": True})
+    port: int = field(metadata=_range(1, 65535))
+    token: str = field(metadata={})
+    cert: str = field(metadata={})
+    key: str = field(metadata={})
+    allowed_origins: str = field(metadata={})
+    idle_timeout_s: float = field(metadata=_range(0.1, 86_400.0))
+    max_frame_bytes: int = field(metadata=_range(1024, 16_000_000))
+    max_audio_rate: float = field(metadata=_range(1.0, 100.0))
+    max_messages_per_s: float = field(metadata=_range(1.0, 10_000.0))
+
+
+@dataclass(frozen=True)
 class Settings:
     """The whole configuration. `sources` maps "section.key" to where its value came from."""
 
@@ -99,6 +113,7 @@ class Settings:
     qwen: QwenSettings
     vad: VadSettings
     ui: UiSettings
+    serve: ServeSettings
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
@@ -115,6 +130,7 @@ SECTIONS: dict[str, type] = {
     "qwen": QwenSettings,
     "vad": VadSettings,
     "ui": UiSettings,
+    "serve": ServeSettings,
 }
 
 

@@ -179,6 +179,34 @@ def bench(
                                not no_baseline, verify, json_out, memory_limit_gib, layout))
 
 
+@app.command()
+def serve(
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on; not local needs a token \\[serve.host]."),
+    port: Optional[int] = typer.Option(None, "--port", help="TCP port \\[serve.port]."),
+    token: Optional[str] = typer.Option(None, "--token", help="Required on every request (or SCA_SERVE_TOKEN) \\[serve.token]."),
+    cert: Optional[Path] = typer.Option(None, "--cert", help="TLS certificate (PEM) for https \\[serve.cert]."),
+    key: Optional[Path] = typer.Option(None, "--key", help="TLS private key (PEM) \\[serve.key]."),
+    config: Optional[Path] = ConfigOpt,
+    model: Optional[str] = ModelOpt,
+    dtype: Optional[str] = DtypeOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    load_in_8bit: Optional[bool] = Int8Opt,
+    quantize: Optional[str] = QuantizeOpt,
+    voice: Optional[str] = VoiceOpt,
+    system_prompt: Optional[str] = SystemOpt,
+    greedy: Optional[bool] = GreedyOpt,
+) -> None:
+    """Serve the browser page and the /ws/pcm16 socket (one conversation at a time)."""
+    from duplex_chat.server import run_serve
+
+    flags = model_flags(model, dtype, device_map, load_in_8bit, quantize, voice, system_prompt,
+                        greedy)
+    flags.update({"serve.host": host, "serve.port": port, "serve.token": token,
+                  "serve.cert": str(cert) if cert is not None else None,
+                  "serve.key": str(key) if key is not None else None})
+    raise typer.Exit(run_serve(settings_from(config, **flags)))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app, turning `DuplexError` into one line and an exit code.
 

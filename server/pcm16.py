@@ -1,0 +1,354 @@
+"""One `/ws/pcm16` connection: PCM16 audio in and out, JSON events, around a `Session`.
+
+Protocol (README, "Serve"): binary frames from the client are PCM16LE mono 16 kHz microphone
+audio, sent continuously (silence too: the session's clock is the audio it hears). Binary frames
+to the client are PCM16LE mono 24 kHz reply audio, between a `reply.start` and a `reply.end`
+event. Text frames are JSON objects with a "type". The client reports playback with
+`{"type": "playback", "reply": R, "played": N, "done": B, "audible_at": M}`: it learns what
+was heard after the fact, which is the late "heard" report the session's Player contract
+allows (`stop()` returns None and the session waits for the report before it cuts history).
+
+Threads: every `Session` method runs on the event loop's thread (receive loop and a tick); the
+session's worker thread writes reply audio into the `SocketPlayer`. Everything sent goes through
+`loop.call_soon_threadsafe`, from both threads, so frames leave in the order they were made (a
+reply's last packet never arrives after the next reply's `reply.start`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any, Callable
+
+import numpy as np
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
+from duplex_chat.config import Settings
+from duplex_chat.model.events import AudioPacket, StageTimings, TextDelta
+from duplex_chat.model.protocol import Conversation
+from duplex_chat.session import (
+    BargeInLapsed,
+    EngineEvent,
+    HistoryCut,
+    Interrupted,
+    Progress,
+    ReplyAudible,
+    ReplyFinished,
+    Session,
+    SessionEvent,
+    TurnCommitted,
+    UserSpeechStarted,
+)
+
+from .limits import TokenBucket
+
+AHEAD_S = 10.0  # reply audio sent ahead of what the client reports played (then the worker waits)
+TICK_S = 0.05  # the session's outputs are drained this often even when no audio comes in
+AUDIO_BURST_S = 3.0  # audio a client may send at once beyond the average rate
+
+
+class ClientError(Exception):
+    """Bad input from the client: becomes an error event; the connection stays open."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def pcm16_to_float(data: bytes) -> np.ndarray:
+    """PCM16LE bytes → (n,) float32 in [-1, 1)."""
+    if len(data) % 2:
+        raise ClientError("bad_audio", f"An audio frame of {len(data)} bytes does not hold whole "
+                                       "16-bit samples (its length must be even).")
+    return np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
+
+
+def float_to_pcm16(samples: np.ndarray) -> bytes:
+    """(n,) float → PCM16LE bytes, clipped."""
+    return (np.clip(samples, -1.0, 32767 / 32768) * 32768.0).astype("<i2").tobytes()
+
+
+class SocketPlayer:
+    """The session's `Player` for a client that plays the audio itself and reports it late.
+
+    `begin_reply`, `stop`, `progress` and `report` run on the loop's thread; `room_s`, `write`
+    and `end_reply` on the worker's; a lock keeps the counters consistent between them.
+    """
+
+    def __init__(self, send: Callable[[Any], None]):
+        self.send = send
+        self.lock = threading.Lock()
+        self.reply = 0
+        self.written = 0  # samples (24 kHz) of the current reply sent
+        self.played = 0  # samples the client reports played
+        self.done = False  # the client says nothing more of it will sound
+        self.audible_at: int | None = None  # session sample where it became audible
+        self.ended = False
+
+    def begin_reply(self, reply: int) -> None:
+        """A new reply: counts start again; the client learns its id first."""
+        with self.lock:
+            self.reply, self.written, self.played = reply, 0, 0
+            self.done = self.ended = False
+            self.audible_at = None
+        self.send({"type": "reply.start", "reply": reply})
+
+    def room_s(self) -> float:
+        """Seconds the worker may send: at most AHEAD_S beyond what was reported played."""
+        with self.lock:
+            return AHEAD_S - (self.written - self.played) / OUTPUT_SAMPLE_RATE
+
+    def write(self, samples: np.ndarray) -> None:
+        """Send reply audio (a binary frame of PCM16LE at 24 kHz)."""
+        with self.lock:
+            self.written += len(samples)
+        self.send(float_to_pcm16(samples))
+
+    def end_reply(self) -> None:
+        """The reply is complete: the client plays what it has, then reports done."""
+        with self.lock:
+            self.ended = True
+            written = self.written
+        self.send({"type": "reply.end", "reply": self.reply, "samples": written})
+
+    def stop(self) -> None:
+        """Barge-in: tell the client to flush; what it played comes later (`report`)."""
+        self.send({"type": "interrupted", "reply": self.reply})
+        return None
+
+    def progress(self) -> Progress:
+        """The last report for the current reply."""
+        with self.lock:
+            return Progress(self.reply, self.played, self.done, self.audible_at)
+
+    def report(self, reply: int, played: int, done: bool, audible_at: int | None) -> None:
+        """A playback report; one for an older reply is ignored (it crossed a reply.start)."""
+        with self.lock:
+            if reply != self.reply:
+                return
+            self.played = max(self.played, min(played, self.written))
+            self.done = self.done or done
+            if self.audible_at is None and audible_at is not None and self.played > 0:
+                self.audible_at = audible_at
+
+
+def parse_playback(message: dict) -> tuple[int, int, bool, int | None]:
+    """The fields of a playback report, checked (ClientError for a bad one)."""
+    def count(name: str, optional: bool = False) -> int | None:
+        value = message.get(name)
+        if value is None and optional:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ClientError("bad_event", f'"playback" needs "{name}" as a whole number of '
+                                           "samples, 0 or more.")
+        return value
+
+    done = message.get("done", False)
+    if not isinstance(done, bool):
+        raise ClientError("bad_event", '"playback" needs "done" as true or false.')
+    return count("reply"), count("played"), done, count("audible_at", optional=True)
+
+
+def stage_marks(stages) -> dict[str, float]:
+    """The engine's stage marks as a plain dict (a StageTimings, a dict, or None)."""
+    if stages is None:
+        return {}
+    marks = stages.stages if hasattr(stages, "stages") else stages
+    return {k: round(float(v), 2) for k, v in dict(marks).items() if v is not None}
+
+
+class EventTranslator:
+    """Session events → the JSON events of `/ws/pcm16` (state, transcript, latency, …)."""
+
+    def __init__(self, send: Callable[[Any], None]):
+        self.send = send
+        self.state = ""
+        self.turn = -1
+        self.speaking_turn = -1  # the turn whose audio made the state assistant_speaking
+
+    def set_state(self, state: str) -> None:
+        """Send the state when it changes."""
+        if state != self.state:
+            self.state = state
+            self.send({"type": "state", "state": state})
+
+    def __call__(self, event: SessionEvent) -> None:
+        if isinstance(event, UserSpeechStarted) and event.turn_start is not None:
+            self.set_state("user_speaking")
+        elif isinstance(event, TurnCommitted):
+            self.turn = event.turn
+            self.send({"type": "turn", "turn": event.turn,
+                       "start_s": event.start_sample / SAMPLE_RATE,
+                       "end_s": event.end_sample / SAMPLE_RATE})
+            self.set_state("thinking")
+        elif isinstance(event, EngineEvent) and event.current:
+            self._engine(event)
+        elif isinstance(event, ReplyAudible):
+            self.send({"type": "latency", "turn": event.turn, "latency_ms": round(event.latency_ms, 1),
+                       "stages": stage_marks(event.stages)})
+        elif isinstance(event, Interrupted):
+            self.set_state("user_speaking")
+        elif isinstance(event, HistoryCut):
+            self.send({"type": "history_cut", "turn": event.turn, "heard_samples": event.heard_samples,
+                       "text": event.text, "estimated": event.estimated})
+        elif isinstance(event, ReplyFinished):
+            self.send({"type": "reply.done", "turn": event.turn, "heard_samples": event.heard_samples})
+            self.set_state("listening")
+        elif isinstance(event, BargeInLapsed):
+            self.set_state("listening")
+
+    def _engine(self, event: EngineEvent) -> None:
+        inner = event.event
+        if isinstance(inner, TextDelta) and inner.text:
+            self.send({"type": "transcript", "turn": self.turn, "delta": inner.text})
+        elif isinstance(inner, StageTimings):
+            self.send({"type": "timings", "turn": self.turn, "stages": stage_marks(inner)})
+        elif isinstance(inner, AudioPacket) and self.speaking_turn != self.turn:
+            self.speaking_turn = self.turn
+            self.set_state("assistant_speaking")
+
+
+class Pcm16Connection:
+    """Serves one client on an accepted WebSocket until it leaves, idles or breaks the rules."""
+
+    def __init__(self, websocket: WebSocket, settings: Settings, conversation: Conversation,
+                 session_factory: Callable[..., Session] = Session):
+        self.ws, self.settings, self.conversation = websocket, settings, conversation
+        serve = settings.serve
+        self.audio_bucket = TokenBucket(serve.max_audio_rate * SAMPLE_RATE,
+                                        max(AUDIO_BURST_S, serve.max_frame_bytes / 2 / SAMPLE_RATE)
+                                        * SAMPLE_RATE)
+        self.message_bucket = TokenBucket(serve.max_messages_per_s, serve.max_messages_per_s)
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.loop = asyncio.get_running_loop()
+        self.player = SocketPlayer(self.send)
+        self.events = EventTranslator(self.send)
+        self.session_factory = session_factory
+        self.session: Session | None = None
+
+    def send(self, item: Any) -> None:
+        """Queue a frame (bytes: audio; dict: event) from any thread, in order."""
+        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+
+    def error(self, code: str, message: str) -> None:
+        """An error event in plain words."""
+        self.send({"type": "error", "code": code, "message": message})
+
+    async def run(self) -> None:
+        """Reset the conversation, run the session, and stop the model's work on the way out."""
+        await asyncio.to_thread(self.conversation.reset)
+        self.session = self.session_factory(self.settings, self.conversation, self.player,
+                                            self.events)
+        self.session.start()
+        self.send({"type": "ready", "input_rate": SAMPLE_RATE, "output_rate": OUTPUT_SAMPLE_RATE,
+                   "format": "pcm16le mono"})
+        self.events.set_state("listening")
+        sender = asyncio.create_task(self._send_loop())
+        ticker = asyncio.create_task(self._tick_loop())
+        try:
+            await self._receive_loop()
+        finally:
+            ticker.cancel()
+            await asyncio.to_thread(self._close_session)
+            await self._flush_and_stop(sender)
+
+    def _close_session(self) -> None:
+        """Stop the reply and the worker, and wait until the model is really idle (the next
+        client's reset must not race this one's last step)."""
+        session = self.session
+        session.close()
+        session.worker.join()
+
+    async def _flush_and_stop(self, sender: asyncio.Task) -> None:
+        await asyncio.sleep(0)  # let call_soon_threadsafe callbacks land in the outbox
+        self.outbox.put_nowait(None)
+        try:
+            await asyncio.wait_for(sender, 2.0)
+        except (asyncio.TimeoutError, Exception):
+            sender.cancel()
+
+    async def _send_loop(self) -> None:
+        while (item := await self.outbox.get()) is not None:
+            try:
+                if isinstance(item, bytes):
+                    await self.ws.send_bytes(item)
+                elif item.get("type") == "close":
+                    await self.ws.close(item["code"], item.get("reason", ""))
+                    return
+                else:
+                    await self.ws.send_text(json.dumps(item))
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                return  # the client is gone; the receive loop sees it too
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            if not self._hear(np.zeros(0, np.float32)):
+                return
+
+    def _hear(self, samples: np.ndarray) -> bool:
+        """Give the session audio (or nothing, to drain it); False once the model failed."""
+        try:
+            self.session.hear(samples)
+            return True
+        except Exception as exc:  # the worker died: say so in words and end the connection
+            self.error("model_failed", f"The model failed and this conversation ended: {exc}")
+            self.send({"type": "close", "code": 1011, "reason": "model failed"})
+            self.failed = True
+            return False
+
+    failed = False
+
+    async def _receive_loop(self) -> None:
+        idle = self.settings.serve.idle_timeout_s
+        while not self.failed:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), idle)
+            except asyncio.TimeoutError:
+                self.error("idle", f"Nothing was received for {idle:g} s, so the server closed "
+                                   "this connection.")
+                self.send({"type": "close", "code": 1000, "reason": "idle"})
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            try:
+                self._handle(message)
+            except ClientError as exc:
+                self.error(exc.code, exc.message)
+
+    def _handle(self, message: dict) -> None:
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len((text or "").encode())
+        limit = self.settings.serve.max_frame_bytes
+        if size > limit:
+            raise ClientError("frame_too_large", f"A frame of {size} bytes is over the "
+                                                 f"{limit}-byte limit; it was dropped.")
+        if not self.message_bucket.take(1):
+            raise ClientError("rate_limited", "Too many frames per second; this one was dropped.")
+        if data is not None:
+            self._audio(data)
+        else:
+            self._text(text or "")
+
+    def _audio(self, data: bytes) -> None:
+        samples = pcm16_to_float(data)
+        if not self.audio_bucket.take(len(samples)):
+            raise ClientError("rate_limited", "Audio is arriving faster than "
+                              f"{self.settings.serve.max_audio_rate:g}× real time; a frame was "
+                              "dropped. Send the microphone as it records.")
+        self._hear(samples)
+
+    def _text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError:
+            raise ClientError("bad_json", "A text frame was not valid JSON; it was ignored.") from None
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            raise ClientError("bad_event", 'A text frame must be a JSON object with a "type".')
+        if message["type"] != "playback":
+            raise ClientError("unknown_event", f'Unknown event type {message["type"][:60]!r}; '
+                                               'this endpoint takes "playback" (and binary audio).')
+        self.player.report(*parse_playback(message))
+        self._hear(np.zeros(0, np.float32))
