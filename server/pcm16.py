@@ -238,9 +238,15 @@ class Pcm16Connection:
 
     async def run(self) -> None:
         """Reset the conversation, run the session, and stop the model's work on the way out."""
-        await asyncio.to_thread(self.conversation.reset)
-        self.session = self.session_factory(self.settings, self.conversation, self.player,
-                                            self.events)
+        try:
+            await asyncio.to_thread(self.conversation.reset)
+            self.session = self.session_factory(self.settings, self.conversation, self.player,
+                                                self.events)
+        except Exception as exc:  # a broken model or VAD: tell the client, keep serving others
+            await self.ws.send_json({"type": "error", "code": "model_failed",
+                                     "message": f"The conversation could not start: {exc}"})
+            await self.ws.close(1011, "model failed")
+            return
         self.session.start()
         self.send({"type": "ready", "input_rate": SAMPLE_RATE, "output_rate": OUTPUT_SAMPLE_RATE,
                    "format": "pcm16le mono"})

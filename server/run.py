@@ -12,7 +12,9 @@ from duplex_chat.model.protocol import Conversation
 from .app import ServerState, create_app
 from .security import is_local_host
 
-WS_MAX_SIZE_FACTOR = 4  # uvicorn drops frames this far over max_frame_bytes; smaller ones get an error event
+# uvicorn closes the socket on frames this far over max_frame_bytes; smaller ones over it get an
+# error event and the connection stays open.
+WS_MAX_SIZE_FACTOR = 4
 
 
 def check_serve_settings(settings: Settings) -> None:
