@@ -22,8 +22,9 @@ from duplex_chat.config import DuplexError, default_config_text, load_settings
 from duplex_chat.config.settings import FIXED_AUDIO_KEYS
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "audio", "config", "duplex_cli", "model", "session")
-REPO_DIR_NAMES = ("model", "audio", "config", "duplex_cli", "session")  # must never be import names
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "audio", "config", "duplex_cli", "model", "session",
+                "server")
+REPO_DIR_NAMES = ("model", "audio", "config", "duplex_cli", "session", "server")  # must never be import names
 
 
 def write_config(path: Path, text: str) -> Path:
@@ -229,6 +230,7 @@ def test_wheel_holds_data_files_under_one_namespace(built_wheel):
     names = zipfile.ZipFile(built_wheel).namelist()
     assert "duplex_chat/config/default.toml" in names
     assert "duplex_chat/model/release_config.json" in names
+    assert "duplex_chat/server/page.html" in names
     top = {n.split("/", 1)[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"duplex_chat"}
     assert not top & set(REPO_DIR_NAMES)

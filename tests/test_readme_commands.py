@@ -19,9 +19,10 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 CI_RUN = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 # What the tests need from the system: tests/virtual_audio.py (pulseaudio, pactl, ALSA's pulse
-# plugin), tests/audio_helpers.py (espeak-ng), the talk tests (PortAudio).
+# plugin), tests/audio_helpers.py (espeak-ng), the talk tests (PortAudio), the serve page test
+# (chromium, chromium-driver).
 TEST_PACKAGES = {"libportaudio2", "pulseaudio", "pulseaudio-utils", "libasound2-plugins",
-                 "espeak-ng"}
+                 "espeak-ng", "chromium", "chromium-driver"}
 
 
 def first_sh_block(heading: str) -> list[str]:
