@@ -188,7 +188,8 @@ class EventTranslator:
         elif isinstance(event, ReplyAudible):
             self.send({"type": "latency", "turn": event.turn, "latency_ms": round(event.latency_ms, 1),
                        "stages": stage_marks(event.stages)})
-        elif isinstance(event, Interrupted):
+        elif isinstance(event, Interrupted) and event.cause == "barge_in":
+            # (a "close" cut is the connection ending: no state to show)
             self.set_state("user_speaking")
         elif isinstance(event, HistoryCut):
             self.send({"type": "history_cut", "turn": event.turn, "heard_samples": event.heard_samples,
