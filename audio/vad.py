@@ -164,6 +164,12 @@ class VoiceActivity:
         return self._state is _State.SPEECH
 
     @property
+    def silence_start(self) -> int | None:
+        """In speech: the sample where the current silence began (None while speech goes on);
+        None outside speech."""
+        return self._silence_start if self._state is _State.SPEECH else None
+
+    @property
     def samples_fed(self) -> int:
         """All samples fed since the last reset (including those waiting for a full window)."""
         return self._next_window + len(self._carry)
@@ -196,6 +202,13 @@ class VoiceActivity:
             events.append(self._end_turn(end))
         self._state = _State.SILENCE
         return events
+
+    def end_turn(self) -> SpeechEnded:
+        """End the open turn now, at its silence start: a turn policy decided before
+        `end_of_turn_ms` (session/smart_turn.py). Only in speech, during a silence."""
+        if self._state is not _State.SPEECH or self._silence_start is None:
+            raise RuntimeError("end_turn needs an open turn in a silence")
+        return self._end_turn(self._silence_start)
 
     def _step(self, p: float, start: int) -> VadEvent | None:
         """Advance by one window starting at sample `start` with speech probability `p`."""

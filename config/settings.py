@@ -21,6 +21,7 @@ ENV_PREFIX = "SCA_"
 DTYPES = ("float16", "bfloat16", "float32", "auto")
 VOICES = ("Ethan", "Chelsie", "Aiden")
 QUANTIZE_MODES = ("none", "int8", "int4", "fp8")  # weights quantized while loading
+TURN_POLICIES = ("silence", "smart")  # what ends a user turn (session/policy.py)
 
 
 def _choices(*allowed: str) -> dict:
@@ -85,6 +86,14 @@ class VadSettings:
 
 
 @dataclass(frozen=True)
+class TurnSettings:
+    policy: str = field(metadata=_choices(*TURN_POLICIES))
+    pause_ms: int = field(metadata=_range(32, 5_000))
+    fallback_ms: int = field(metadata=_range(100, 10_000))
+    threshold: float = field(metadata=_range(0.0, 1.0))
+
+
+@dataclass(frozen=True)
 class UiSettings:
     refresh_hz: float = field(metadata=_range(0.5, 60.0))
     plain: bool = field(metadata={})
@@ -114,6 +123,7 @@ class Settings:
     vad: VadSettings
     ui: UiSettings
     serve: ServeSettings
+    turn: TurnSettings
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
@@ -131,6 +141,7 @@ SECTIONS: dict[str, type] = {
     "vad": VadSettings,
     "ui": UiSettings,
     "serve": ServeSettings,
+    "turn": TurnSettings,
 }
 
 
@@ -312,6 +323,12 @@ def _check_relations(s: Settings) -> None:
         raise DuplexError(
             f"Bad config: vad.neg_threshold ({s.vad.neg_threshold}, from "
             f"{s.sources['vad.neg_threshold']}) must not exceed vad.threshold ({s.vad.threshold})."
+        )
+    if s.turn.fallback_ms <= s.turn.pause_ms:
+        raise DuplexError(
+            f"Bad config: turn.fallback_ms ({s.turn.fallback_ms}, from "
+            f"{s.sources['turn.fallback_ms']}) must be longer than turn.pause_ms "
+            f"({s.turn.pause_ms}, from {s.sources['turn.pause_ms']})."
         )
     if s.qwen.load_in_8bit and s.qwen.quantize != "none":
         raise DuplexError(

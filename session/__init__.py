@@ -8,7 +8,8 @@ turn's latency. A worker thread owns the `Conversation` and takes typed commands
 comes out as typed session events (`events.py`). It imports nothing of terminals, sockets or
 PortAudio.
 
-Modules: `session.py` (the `Session`), `policy.py` (turn policies), `bargein.py` (the barge-in
+Modules: `session.py` (the `Session`), `policy.py` (turn policies), `smart_turn.py` (the
+semantic end of turn: Smart Turn v3.2 as a policy), `bargein.py` (the barge-in
 decision and its echo checks), `worker.py` (commands, the worker, the `Player` contract),
 `virtual.py` (a player on a virtual clock, for `replay`), `events.py`.
 """
@@ -28,7 +29,7 @@ from .events import (
     UserSpeechEnded,
     UserSpeechStarted,
 )
-from .policy import SilencePolicy, TurnPolicy
+from .policy import SilencePolicy, TurnPolicy, make_policy
 from .session import Echo, Session
 from .virtual import MODELED_FIRST_PACKET_S, VirtualPlayer
 from .worker import Player, Progress
@@ -37,5 +38,5 @@ __all__ = [
     "BargeInLapsed", "DeviceTrouble", "Echo", "EngineEvent", "HistoryCut", "Interrupted",
     "MODELED_FIRST_PACKET_S", "Player", "Progress", "ReplyAudible", "ReplyFinished",
     "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "TurnCommitted", "TurnDiscarded", "TurnPolicy",
-    "UserSpeechEnded", "UserSpeechStarted", "VirtualPlayer",
+    "UserSpeechEnded", "UserSpeechStarted", "VirtualPlayer", "make_policy",
 ]

@@ -3,9 +3,10 @@
 A policy hears the (echo-cancelled) microphone and answers with the voice-activity events that
 decide turns: `SpeechStarted` (a turn may begin; its audio starts pre-roll before the onset) and
 `SpeechEnded` (the turn is over). It also exposes how many consecutive 32 ms windows up to now
-were speech, which the barge-in fast path reads. Today's policy is plain VAD silence; a semantic
-end-of-turn model is another class with the same three members (after pipecat's turn analyzers:
-audio in, "complete or not" out), and talk and replay do not change. A speculative start (ask for
+were speech, which the barge-in fast path reads. Two policies: `SilencePolicy` (VAD silence of
+`vad.end_of_turn_ms`) and `SmartTurnPolicy` (smart_turn.py: a semantic end-of-turn model asked
+at each pause, with a fallback silence). `make_policy` builds the one `turn.policy` names; the
+session calls it, so talk, replay and serve never know which policy runs. A speculative start (ask for
 the reply before the end of turn is certain, take it back if the user goes on) does not fit this
 interface: a policy can confirm an end of turn but never withdraw one, so it needs a new event
 and session support.
@@ -19,7 +20,7 @@ import numpy as np
 
 from duplex_chat.audio.constants import VAD_WINDOW_SAMPLES
 from duplex_chat.audio.vad import SileroVad, SpeechProbability, VadEvent, VoiceActivity
-from duplex_chat.config import VadSettings
+from duplex_chat.config import Settings, VadSettings
 
 VAD_WARMUP_WINDOWS = 4  # silent windows run through each VAD model before use
 
@@ -36,6 +37,9 @@ class TurnPolicy(Protocol):
 
     def finish(self) -> list[VadEvent]:
         """End of input: close an open turn."""
+
+    def close(self) -> None:
+        """The session is over: release threads or models (nothing is fed afterwards)."""
 
 
 class OnsetTap:
@@ -84,3 +88,18 @@ class SilencePolicy:
     def finish(self) -> list[VadEvent]:
         """See `TurnPolicy.finish`: an open turn ends at its silence start or the last sample."""
         return self.activity.finish()
+
+    def close(self) -> None:
+        """See `TurnPolicy.close`: nothing to release."""
+
+
+def make_policy(settings: Settings, vad_model: SpeechProbability | None = None, *,
+                virtual_clock: bool = False) -> TurnPolicy:
+    """The turn policy `turn.policy` names. `virtual_clock`: the session runs on its input's
+    clock (replay), so a model's answers are timed on that clock, not the machine's
+    (smart_turn.py, "Off the audio thread")."""
+    if settings.turn.policy == "smart":
+        from .smart_turn import SmartTurnPolicy
+
+        return SmartTurnPolicy(settings.vad, settings.turn, vad_model, virtual_clock=virtual_clock)
+    return SilencePolicy(settings.vad, vad_model)

@@ -38,7 +38,7 @@ from duplex_chat.model.protocol import Conversation
 
 from . import events as ev
 from .bargein import BARGE_IN_WINDOWS, BargeIn, History
-from .policy import SilencePolicy, TurnPolicy
+from .policy import TurnPolicy, make_policy
 from .worker import (
     EndTurn,
     EngineOutput,
@@ -116,7 +116,8 @@ class Session:
 
     `on_event` receives every `SessionEvent` as it happens. `echo`: an echo canceller for the
     microphone (None: headphones or a file); `raw_vad`: the second VAD model its echo checks use
-    (made when echo is given and none is passed). `policy` defaults to `SilencePolicy`.
+    (made when echo is given and none is passed). `policy` defaults to the one `turn.policy`
+    names (`make_policy`), on the session's own clock when `threaded` is False (replay).
     `input_latency_s` (settable) is added to each latency: the mic delivers sound that late.
     """
 
@@ -127,7 +128,8 @@ class Session:
         self.conversation, self.player, self.emit = conversation, player, on_event
         self.barge_in_enabled = settings.audio.barge_in
         self.pre_roll = ms_to_samples(settings.vad.pre_roll_ms)
-        self.policy = policy if policy is not None else SilencePolicy(settings.vad, vad_model)
+        self.policy = (policy if policy is not None
+                       else make_policy(settings, vad_model, virtual_clock=not threaded))
         self.echo = echo
         if echo is not None and raw_vad is None:
             raw_vad = SileroVad()
@@ -217,6 +219,7 @@ class Session:
         self.conversation.cancel(kept)
         self.worker.submit(Stop())
         self.worker.join(WORKER_JOIN_TIMEOUT_S)
+        self.policy.close()
         reply, self.reply, self.pending = self.reply, None, None
         if reply is not None:
             self.emit(ev.Interrupted(self.now, reply.turn, heard, self.now, cause="close"))

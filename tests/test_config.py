@@ -231,6 +231,8 @@ def test_wheel_holds_data_files_under_one_namespace(built_wheel):
     assert "duplex_chat/config/default.toml" in names
     assert "duplex_chat/model/release_config.json" in names
     assert "duplex_chat/server/page.html" in names
+    assert "duplex_chat/session/data/smart-turn-v3.2-cpu.onnx" in names
+    assert "duplex_chat/session/data/smart-turn-LICENSE.txt" in names
     top = {n.split("/", 1)[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"duplex_chat"}
     assert not top & set(REPO_DIR_NAMES)
