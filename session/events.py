@@ -93,13 +93,15 @@ class Interrupted:
     cancelled. `heard_samples` (24 kHz) is what had been heard, or None when the player reports
     it later. `cause`: "barge_in", the user spoke over it (`onset_sample` is where that speech
     began; a HistoryCut follows once what was heard is known); or "close", `Session.close()` cut
-    it (`onset_sample` is the close; no HistoryCut follows: the conversation ends there)."""
+    it (`onset_sample` is the close; no HistoryCut follows: the conversation ends there); or
+    "client", the client stopped it (`Session.interrupt`: a Realtime client's response.cancel or
+    truncate; `onset_sample` is then; a HistoryCut follows, as after a barge-in)."""
 
     sample: int
     turn: int
     heard_samples: int | None
     onset_sample: int
-    cause: Literal["barge_in", "close"] = "barge_in"
+    cause: Literal["barge_in", "close", "client"] = "barge_in"
 
 
 @dataclass(frozen=True)

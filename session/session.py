@@ -227,6 +227,35 @@ class Session:
             start, self.turn_start = self.turn_start, None
             self.emit(ev.TurnDiscarded(self.now, self.turns, start, self.now))
 
+    def interrupt(self) -> bool:
+        """The client stops the reply in flight (a Realtime client's `response.cancel`, or its
+        `conversation.item.truncate` while the reply still plays): a barge-in with no speech
+        behind it. The player's `stop` says what was heard, or reports it later, and the history
+        is cut to it (a HistoryCut follows). False when no reply is in flight."""
+        reply = self.reply
+        if reply is None or self.closed:
+            return False
+        heard, kept = self.gate.stop(self.player)
+        self.conversation.cancel(kept)
+        self.reply = None
+        self.emit(ev.Interrupted(self.now, reply.turn, heard, self.now, cause="client"))
+        if heard is None:
+            self.pending = _PendingCut(reply, self.now, kept)
+        else:
+            self._cut(reply, heard)
+        return True
+
+    def truncate_played(self, turn: int, heard_samples: int) -> bool:
+        """Cut reply `turn`, already played out, to `heard_samples` (24 kHz) heard: a client that
+        learns what was heard after the reply ended (a Realtime client's late truncate). Only the
+        last reply, and only before the next user turn opens (`Conversation.truncate`'s rule);
+        False when that is too late. A HistoryCut follows."""
+        if (self.closed or self.reply is not None or self.pending is not None
+                or self.turn_start is not None or turn != self.turns - 1):
+            return False
+        self.worker.submit(Truncate(turn, heard_samples))
+        return True
+
     # ---- one window's worth of audio ------------------------------------------------------
     def _step(self, clean: np.ndarray) -> None:
         self.history.append(clean)
