@@ -22,6 +22,7 @@ from duplex_chat.model.protocol import Conversation
 from duplex_chat.session import Session
 
 from .pcm16 import Pcm16Connection
+from .realtime import RealtimeConnection
 from .security import origin_ok, token_ok
 
 BUSY_CLOSE_CODE = 1013  # "try again later"
@@ -86,22 +87,33 @@ def create_app(state: ServerState) -> Guard:
         return Response(state.page, media_type="text/html; charset=utf-8",
                         headers={"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"})
 
-    async def pcm16(websocket: WebSocket) -> None:
+    busy_message = ("Another client is talking with the model. This server runs one "
+                    "conversation at a time (one GPU); try again when it hangs up.")
+
+    async def serve_one(websocket: WebSocket, connection, busy_event: dict) -> None:
         await websocket.accept()
         if state.busy:  # checked and set with no await between: one client wins
-            await websocket.send_json({
-                "type": "error", "code": "busy",
-                "message": "Another client is talking with the model. This server runs one "
-                           "conversation at a time (one GPU); try again when it hangs up."})
+            await websocket.send_json(busy_event)
             await websocket.close(BUSY_CLOSE_CODE, "busy")
             return
         state.busy = True
         try:
-            await Pcm16Connection(websocket, state.settings, state.conversation,
-                                  state.session_factory).run()
+            await connection(websocket, state.settings, state.conversation,
+                             state.session_factory).run()
         finally:
             state.busy = False
             state.clients_served += 1
 
-    app = Starlette(routes=[Route("/", index), WebSocketRoute("/ws/pcm16", pcm16)])
+    async def pcm16(websocket: WebSocket) -> None:
+        await serve_one(websocket, Pcm16Connection,
+                        {"type": "error", "code": "busy", "message": busy_message})
+
+    async def realtime(websocket: WebSocket) -> None:
+        await serve_one(websocket, RealtimeConnection,
+                        {"type": "error", "event_id": "event_busy",
+                         "error": {"type": "server_error", "code": "busy", "param": None,
+                                   "event_id": None, "message": busy_message}})
+
+    app = Starlette(routes=[Route("/", index), WebSocketRoute("/ws/pcm16", pcm16),
+                            WebSocketRoute("/v1/realtime", realtime)])
     return Guard(app, state)
