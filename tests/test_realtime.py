@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import soxr
 from openai import OpenAI
+from websockets.exceptions import InvalidStatus
 
 from duplex_chat.model.engine import StreamingConversation
 from duplex_chat.server import ServerState
@@ -274,7 +275,7 @@ def test_manual_turn_detection_commit_and_response_create():
 
 # ---- errors ------------------------------------------------------------------------------------
 def test_unsupported_event_gets_an_error_and_the_connection_stays_open():
-    with scripted_server() as (conversation, address):
+    with scripted_server() as (_, address):
         client = Client(address, mic=False)
         try:
             client.wait_for("session.created")
@@ -300,7 +301,7 @@ def test_unsupported_event_gets_an_error_and_the_connection_stays_open():
 
 
 def test_a_second_realtime_client_is_told_the_server_is_busy():
-    with scripted_server() as (conversation, address):
+    with scripted_server() as (_, address):
         first = Client(address, mic=False)
         try:
             first.wait_for("session.created")
@@ -313,11 +314,11 @@ def test_a_second_realtime_client_is_told_the_server_is_busy():
 
 
 def test_the_token_is_taken_as_the_sdk_sends_it():
-    with scripted_server(token="s3cret") as (conversation, address):
+    with scripted_server(token="s3cret") as (_, address):
         client = Client(address, mic=False, token="s3cret")
         try:
             client.wait_for("session.created")
         finally:
             client.close()
-        with pytest.raises(Exception):
+        with pytest.raises(InvalidStatus):
             Client(address, mic=False, token="wrong").conn.recv()
