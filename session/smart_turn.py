@@ -41,8 +41,17 @@ from typing import Protocol
 import numpy as np
 
 from duplex_chat.audio.constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES, ms_to_samples
-from duplex_chat.audio.vad import SpeechEnded, SpeechProbability, SpeechStarted, VadEvent, VoiceActivity
+from duplex_chat.audio.vad import (
+    SileroVad,
+    SpeechEnded,
+    SpeechProbability,
+    SpeechStarted,
+    VadEvent,
+    VoiceActivity,
+)
 from duplex_chat.config import DuplexError, TurnSettings, VadSettings
+
+from .policy import OnsetTap
 
 MODEL_FILE = "smart-turn-v3.2-cpu.onnx"
 MODEL_SHA256 = "2bb026316b14a660486a75b1733cd3fbab8c2fd0314dc9af7be49f8cca967e4f"
@@ -282,10 +291,6 @@ class SmartTurnPolicy:
     def __init__(self, vad_settings: VadSettings, turn: TurnSettings,
                  vad: SpeechProbability | None = None, model: TurnModel | None = None, *,
                  virtual_clock: bool = False, inference_s: float = MODELED_INFERENCE_S):
-        from .policy import OnsetTap  # policy.py builds this class: import it late
-
-        from duplex_chat.audio.vad import SileroVad
-
         self.tap = OnsetTap(vad if vad is not None else SileroVad(), vad_settings.threshold)
         # the VAD's own end of turn is the fallback
         fallback = dataclasses.replace(vad_settings, end_of_turn_ms=turn.fallback_ms)

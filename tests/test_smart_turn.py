@@ -25,9 +25,8 @@ from duplex_chat.audio.constants import SAMPLE_RATE, VAD_WINDOW_SAMPLES, ms_to_s
 from duplex_chat.audio.files import iter_audio_blocks
 from duplex_chat.audio.vad import SpeechEnded, SpeechStarted
 from duplex_chat.config import DuplexError, load_settings
-from duplex_chat.session import Session, VirtualPlayer, make_policy
+from duplex_chat.session import Session, VirtualPlayer, make_policy, smart_turn
 from duplex_chat.session import events as ev
-from duplex_chat.session import smart_turn
 from duplex_chat.session.policy import SilencePolicy
 from duplex_chat.session.smart_turn import (
     MODELED_INFERENCE_S,
@@ -321,7 +320,7 @@ def pipecat_features(tmp_path_factory):
     folder = tmp_path_factory.mktemp("pipecat")
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
                              str(folder), PIPECAT_WHEEL], capture_output=True, text=True,
-                            timeout=120)
+                            check=False, timeout=120)
     wheels = list(folder.glob("pipecat_ai-*.whl"))
     if result.returncode != 0 or not wheels:
         pytest.skip(f"pip could not fetch {PIPECAT_WHEEL} (no package index?), so the reference "
@@ -384,9 +383,11 @@ def test_a_complete_sentence_scores_higher_than_an_incomplete_start(real_model):
 
 
 def replay_file(path: Path, environ: dict):
-    from duplex_chat.cli.replay import Printer, ReplaySession, ReplyTimeline
-    from rich.console import Console
     import io
+
+    from rich.console import Console
+
+    from duplex_chat.cli.replay import Printer, ReplaySession, ReplyTimeline
 
     conversation = ScriptedConversation([Reply(chirp(0.5))], first_packet_s=0.0, realtime_factor=0.0)
     session = ReplaySession(load_settings(environ=environ), lambda: conversation,
