@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from duplex_chat.config import DuplexError, QwenSettings, Settings
+from duplex_chat.config import QwenSettings, Settings
 
 from .events import (
     AudioPacket,
@@ -37,6 +37,7 @@ from .footprint import cache_for, max_reply_frames
 from .listener import Listener
 from .loading import ModelBundle, load_model
 from .prompt import ChatTokens
+from .protocol import check_instructions, pick_voice
 from .sampling import Sampler, SamplingSettings
 from .streams import TalkerStream, ThinkerStream
 from .vocoder import StreamingVocoder
@@ -107,7 +108,10 @@ class StreamingConversation:
         self.talker = TalkerStream(model.talker, fast, talker_len)
         self.listener = Listener(model.thinker, self.q.encoder_window_s)
         self.vocoder = StreamingVocoder(model.code2wav, cuda_graphs=fast and self.device.type == "cuda")
-        self.speaker_id = self._speaker_id(self.q.voice)
+        self.voice = pick_voice(self.q.voice, self.voices())
+        self.speaker_id = self._speaker_id(self.voice)
+        self.system_prompt = check_instructions(self.q.system_prompt)
+        self._prompt_stale = False  # the caches hold another system prompt than `system_prompt`
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         self.codec_eos = self.config.talker_config.codec_eos_token_id
@@ -133,8 +137,30 @@ class StreamingConversation:
 
     # ----- lifecycle -------------------------------------------------------------------------
 
-    def reset(self) -> None:
-        """Forget the conversation; keep the system prompt."""
+    def voices(self) -> tuple[str, ...]:
+        """The voices this checkpoint speaks (its talker's speakers), capitalised."""
+        return tuple(sorted(s.capitalize() for s in self.config.talker_config.speaker_id))
+
+    def configure(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        """Speak as `voice` and follow `system_prompt` from the next reply on (None: keep).
+
+        The voice is only the speaker code the talker gets at the start of each reply. A new
+        system prompt marks the caches stale: before the next user turn opens (or, if one is
+        open, before its reply) the history is prefilled again under it, from the stored audio
+        embeddings, as after history trimming; until then the last reply can still be
+        truncated. Unknown voice or over-long prompt: DuplexError, nothing changed."""
+        name = pick_voice(voice, self.voices()) if voice is not None else self.voice
+        prompt = check_instructions(system_prompt) if system_prompt is not None \
+            else self.system_prompt
+        self.voice, self.speaker_id = name, self._speaker_id(name)
+        if prompt != self.system_prompt:
+            self.system_prompt = prompt
+            self._prompt_stale = True
+
+    def reset(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        """Forget the conversation; `voice` and `system_prompt` as in `configure` (None: keep)."""
+        self.configure(voice, system_prompt)
+        self._prompt_stale = False
         self.thinker.reset()
         self.talker.reset()
         self.listener.reset()
@@ -145,7 +171,7 @@ class StreamingConversation:
         self._turn_open = False
         self._cancel.clear()
         with self._working():
-            self._prefill_text(self.tokens.system_ids(self.tokenizer, self.q.system_prompt), user=False)
+            self._prefill_text(self._system_ids(), user=False)
 
     def feed(self, samples: np.ndarray) -> None:
         """Hear more of the user's turn: (n,) float32 at 16 kHz, any n."""
@@ -220,6 +246,8 @@ class StreamingConversation:
 
     def _open_turn(self) -> None:
         self._closed = None  # the last reply can no longer be truncated
+        if self._prompt_stale:
+            self._rebuild()
         events = self._fit_context()
         self._pending_events = events
         self._turn_start_thinker = self.thinker.length
@@ -229,6 +257,18 @@ class StreamingConversation:
         self._turn_open = True
         self._listen_seconds = 0.0
         self._prefill_text(self.tokens.user_head(), user=True)
+
+    def _reopen_turn(self) -> None:
+        """The history again under the new system prompt, then the open turn's audio so far
+        (its finished encoder windows, as they were prefilled)."""
+        audio = self._open_audio
+        self._rebuild()
+        self._turn_start_thinker = self.thinker.length
+        self._turn_start_talker = self.talker.length
+        self._prefill_text(self.tokens.user_head(), user=True)
+        for piece in audio:
+            _, hidden = self.thinker.prefill(piece, hidden_layer=self.accept_layer)
+            self.talker.extend_user(self.talker.project_hidden(hidden))
 
     def _prefill_audio(self, audio: torch.Tensor) -> None:
         """audio: (tokens, d) finished encoder output, prefilled into thinker and talker."""
@@ -256,6 +296,8 @@ class StreamingConversation:
         clock = _Clock(self.device)
         if not self._turn_open:
             self._open_turn()
+        elif self._prompt_stale:  # configured while the user was speaking: applies to this reply
+            self._reopen_turn()
         yield from self._pending_events
         tail = self.listener.finish()
         clock.mark("encode_tail")
@@ -436,11 +478,10 @@ class StreamingConversation:
         self.tts_bos, self.tts_eos, self.tts_pad = projected[0:1], projected[1:2], projected[2:3]
 
     def _speaker_id(self, voice: str) -> int:
-        speakers = self.config.talker_config.speaker_id
-        if voice.lower() not in speakers:
-            raise DuplexError(f"Unknown voice {voice!r}; this model has "
-                              f"{', '.join(sorted(s.capitalize() for s in speakers))}.")
-        return speakers[voice.lower()]
+        return self.config.talker_config.speaker_id[pick_voice(voice, self.voices()).lower()]
+
+    def _system_ids(self) -> list[int]:
+        return self.tokens.system_ids(self.tokenizer, self.system_prompt)
 
     # ----- long conversations -----------------------------------------------------------------
 
@@ -462,16 +503,17 @@ class StreamingConversation:
 
     def _history_length(self, turns: list[_Turn]) -> int:
         t = self.tokens
-        fixed = len(t.system_ids(self.tokenizer, self.q.system_prompt))
+        fixed = len(self._system_ids())
         per_turn = len(t.user_head()) + len(t.user_tail()) + len(t.assistant_head()) + 2
         return fixed + sum(per_turn + turn.audio.shape[0] + len(turn.reply_ids) for turn in turns)
 
     def _rebuild(self) -> None:
         """Prefill the system prompt and the kept turns again, from stored audio embeddings."""
         turns = self.turns
+        self._prompt_stale = False
         self.thinker.reset()
         self.talker.reset()
-        self._prefill_text(self.tokens.system_ids(self.tokenizer, self.q.system_prompt), user=False)
+        self._prefill_text(self._system_ids(), user=False)
         for turn in turns:
             self._prefill_text(self.tokens.user_head(), user=True)
             if turn.audio.shape[0]:

@@ -6,6 +6,7 @@ It is the reference the engine is checked against (tests, `bench --verify`) and 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from .engine import frames_heard, sync
 from .events import AudioPacket, Event, StageTimings, TextDelta, TurnFinished, TurnStarted
 from .listener import thinker_audio_tower
 from .prompt import MEL_FRAMES_PER_CHUNK, ChatTokens, audio_token_count
+from .protocol import check_instructions, pick_voice
 
 
 @dataclass
@@ -133,7 +135,21 @@ class StockConversation:
         self.device = bundle.device
         self.reset()
 
-    def reset(self) -> None:
+    def voices(self) -> tuple[str, ...]:
+        speakers = self.bundle.model.config.talker_config.speaker_id
+        return tuple(sorted(s.capitalize() for s in speakers))
+
+    def configure(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        """generate() gets the whole conversation each turn: the next one simply uses these."""
+        changes = {}
+        if voice is not None:
+            changes["voice"] = pick_voice(voice, self.voices())
+        if system_prompt is not None:
+            changes["system_prompt"] = check_instructions(system_prompt)
+        self.q = dataclasses.replace(self.q, **changes)
+
+    def reset(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        self.configure(voice, system_prompt)
         self._features: list[torch.Tensor] = []
         self._replies: list[list[int]] = []
         self._last_reply = (0, 0)  # frames of the last reply, tokens its talker was given

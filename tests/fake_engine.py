@@ -25,8 +25,10 @@ from duplex_chat.model.events import (
     TurnFinished,
     TurnStarted,
 )
+from duplex_chat.model.protocol import check_instructions, pick_voice
 
 OUT_RATE = 24_000
+VOICES = ("Aiden", "Chelsie", "Ethan")  # the release checkpoint's
 PACKET_SAMPLES = 1920 * 4  # 4 codec frames (320 ms) per packet, like the engine's default
 FIRST_PACKET_SAMPLES = 1920  # 1 frame first
 
@@ -131,9 +133,24 @@ class ScriptedConversation:
         self._fed = 0
         self._log("discard_turn")
 
-    def reset(self) -> None:
+    def voices(self) -> tuple[str, ...]:
+        return VOICES
+
+    def configure(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        """Validated like the engine's; logged as ("configure", (voice, system_prompt)) with
+        both as they then are."""
+        name = pick_voice(voice, VOICES) if voice is not None else self.voice
+        prompt = check_instructions(system_prompt) if system_prompt is not None \
+            else self.system_prompt
+        self.voice, self.system_prompt = name, prompt
+        self._log("configure", (name, prompt))
+
+    def reset(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        self.configure(voice, system_prompt)
         self._log("reset")
 
+    voice: str = "Ethan"
+    system_prompt: str = ""
     _heard: int = 0
     _last: Reply | None = None
     _turn_open: bool = False

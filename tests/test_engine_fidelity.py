@@ -371,3 +371,97 @@ class _Chooses:
 
     def __call__(self, logits, **kwargs):
         return torch.tensor(self.choice)
+
+
+# ---- voice and instructions per client, without rebuilding -------------------------------------
+PIRATE = "You are a pirate. Answer in one short sentence."
+
+
+def voiced_turn(conv, settings, audio, mels, replies, **kw):
+    """`judged_turn`, and also the talker's first logits compared with generate()'s: greedy
+    codes of the tiny talker rarely change with the speaker, its logits always do."""
+    seen: list[torch.Tensor] = []
+    head = conv.bundle.model.talker.codec_head
+    hook = head.register_forward_hook(
+        lambda _m, _i, out: seen.append(out.reshape(-1, out.shape[-1])[-1].detach().float()))
+    try:
+        turn = judged_turn(conv, settings, audio, mels, replies, **kw)
+    finally:
+        hook.remove()
+    engine_first = seen[len(turn.ref.talker)]  # generate()'s calls came first
+    assert torch.allclose(engine_first, turn.ref.talker[0].float(), atol=1e-5), \
+        float((engine_first - turn.ref.talker[0]).abs().max())
+    assert_same_reply(conv, turn)
+    return turn
+
+
+def test_reset_with_another_voice_and_prompt_equals_generate_with_them(any_tiny):
+    """`reset(voice, system_prompt)`: the conversation built once (as Ethan, the default
+    prompt) speaks the next client's reply exactly as generate() does with that speaker and
+    system prompt; `reset()` with nothing keeps them."""
+    checkpoint, bundle = any_tiny
+    conv, settings = make_conversation(bundle, checkpoint, 1.0)
+    run_turn(conv, user_audio(1.5, seed=7), chunk=4000)  # an earlier client's turn, forgotten
+    conv.reset(voice="chelsie", system_prompt=PIRATE)
+    assert conv.voice == "Chelsie" and conv.system_prompt == PIRATE
+    other = settings.replace("qwen", voice="Chelsie", system_prompt=PIRATE)
+    first, second = user_audio(2.2, seed=5), user_audio(1.4, seed=6)
+    turn = voiced_turn(conv, other, first, [], [])
+    voiced_turn(conv, other, second, [mel_of(first)], [list(turn.events[-1].token_ids)])
+    conv.reset()
+    assert (conv.voice, conv.system_prompt) == ("Chelsie", PIRATE)
+    voiced_turn(conv, other, first, [], [])
+
+
+@pytest.mark.parametrize("decoder", ["eager", "fast"])
+def test_configure_between_replies_equals_generate_under_the_new_voice_and_prompt(any_tiny,
+                                                                                 decoder):
+    """`configure` after a reply: the history stays (prefilled again under the new system
+    prompt), the last reply can still be truncated, and the next reply is generate()'s on the
+    cut history with the new speaker and system prompt."""
+    checkpoint, bundle = any_tiny
+    conv, settings = make_conversation(bundle, checkpoint, 1.0, decoder=decoder)
+    first, second = user_audio(2.2, seed=5), user_audio(1.4, seed=6)
+    turn = judged_turn(conv, settings, first, [], [])
+    assert_same_reply(conv, turn)
+    conv.configure(voice="Aiden", system_prompt=PIRATE)
+    text = conv.truncate(3 * 1920 + 100)  # heard a bit into the fourth frame
+    kept = list(turn.events[-1].token_ids[:4])
+    assert conv.turns[-1].reply_ids == kept
+    assert text == bundle.tokenizer.decode(kept, skip_special_tokens=True)
+    other = settings.replace("qwen", voice="Aiden", system_prompt=PIRATE)
+    voiced_turn(conv, other, second, [mel_of(first)], [kept])
+
+
+def test_configure_while_the_user_speaks_applies_to_that_reply(any_tiny):
+    """Configured with a user turn open (part of it fed): its reply already follows the new
+    prompt and voice, the history and the audio so far prefilled again; a prompt set to ""
+    means none, as in generate()."""
+    checkpoint, bundle = any_tiny
+    conv, settings = make_conversation(bundle, checkpoint, 1.0)
+    first, second = user_audio(2.2, seed=5), user_audio(2.6, seed=6)
+    turn = judged_turn(conv, settings, first, [], [])
+    replies = [list(turn.events[-1].token_ids)]
+    fed = 24_000  # 1.5 s: a finished encoder window and part of the next
+    for start in range(0, fed, 4000):
+        conv.feed(second[start:min(fed, start + 4000)])
+    conv.configure(voice="Chelsie", system_prompt="")
+    other = settings.replace("qwen", voice="Chelsie", system_prompt="")
+    voiced_turn(conv, other, second, [mel_of(first)], replies, already_fed=fed)
+
+
+def test_an_unknown_voice_is_one_clear_error_and_changes_nothing(tiny_bundle, tiny_checkpoint):
+    from duplex_chat.config import DuplexError
+
+    conv, _ = make_conversation(tiny_bundle, tiny_checkpoint, 1.0)
+    assert conv.voices() == ("Aiden", "Chelsie", "Ethan")
+    before = (conv.voice, conv.speaker_id, conv.system_prompt)
+    with pytest.raises(DuplexError, match=r"^Unknown voice 'alloy'; this model speaks Aiden, "
+                                          r"Chelsie, Ethan\.$"):
+        conv.configure(voice="alloy", system_prompt=PIRATE)
+    with pytest.raises(DuplexError, match="at most 4000"):
+        conv.configure(voice="Aiden", system_prompt="x" * 4001)
+    with pytest.raises(DuplexError, match="Unknown voice"):
+        conv.reset(voice="alloy")
+    assert (conv.voice, conv.speaker_id, conv.system_prompt) == before
+    assert not conv._prompt_stale
