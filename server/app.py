@@ -8,6 +8,7 @@ handshake (WebSocket, HTTP 403), and so does a socket opened by a page of anothe
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Callable
@@ -18,7 +19,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from duplex_chat.config import Settings
-from duplex_chat.model.protocol import Conversation
+from duplex_chat.model.protocol import Conversation, pick_voice
 from duplex_chat.session import Session
 
 from .pcm16 import Pcm16Connection
@@ -78,9 +79,22 @@ def page_text() -> str:
     return (resources.files("duplex_chat.server") / "page.html").read_text(encoding="utf-8")
 
 
+CONFIG_SLOT = '<script id="server-config" type="application/json">null</script>'
+
+
+def page_with_config(page: str, settings: Settings, conversation: Conversation) -> str:
+    """The page with the voices and the server's voice and instructions written in, for its
+    voice selector and instructions box (JSON that cannot close the script element)."""
+    voices = list(conversation.voices())
+    config = {"voices": voices, "voice": pick_voice(settings.qwen.voice, voices),
+              "instructions": settings.qwen.system_prompt}
+    text = json.dumps(config).replace("<", "\\u003c").replace(">", "\\u003e")
+    return page.replace(CONFIG_SLOT, CONFIG_SLOT.replace("null", text))
+
+
 def create_app(state: ServerState) -> Guard:
     """The whole app for `state`, wrapped in its guard."""
-    state.page = state.page or page_text()
+    state.page = state.page or page_with_config(page_text(), state.settings, state.conversation)
 
     async def index(request) -> Response:
         # no-referrer: the page's URL may hold the token, and must not leak to other sites.

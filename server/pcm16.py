@@ -7,6 +7,8 @@ event. Text frames are JSON objects with a "type". The client reports playback w
 `{"type": "playback", "reply": R, "played": N, "done": B, "audible_at": M}`: it learns what
 was heard after the fact, which is the late "heard" report the session's Player contract
 allows (`stop()` returns None and the session waits for the report before it cuts history).
+`{"type": "session", "voice": V, "instructions": I}` (either may be left out) sets the voice
+and the system prompt from the next reply on; every connection starts with the server's.
 
 Threads: every `Session` method runs on the event loop's thread (receive loop and a tick); the
 session's worker thread writes reply audio into the `SocketPlayer`. Everything sent goes through
@@ -17,6 +19,7 @@ reply's last packet never arrives after the next reply's `reply.start`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 from typing import Any, Callable
@@ -25,9 +28,9 @@ import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
-from duplex_chat.config import Settings
+from duplex_chat.config import DuplexError, Settings
 from duplex_chat.model.events import AudioPacket, StageTimings, TextDelta
-from duplex_chat.model.protocol import Conversation
+from duplex_chat.model.protocol import Conversation, check_instructions, pick_voice
 from duplex_chat.session import (
     BargeInLapsed,
     EngineEvent,
@@ -52,9 +55,9 @@ AUDIO_BURST_S = 3.0  # audio a client may send at once beyond the average rate
 class ClientError(Exception):
     """Bad input from the client: becomes an error event; the connection stays open."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, param: str | None = None):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.param = code, message, param
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
@@ -151,6 +154,26 @@ def parse_playback(message: dict) -> tuple[int, int, bool, int | None]:
     return count("reply"), count("played"), done, count("audible_at", optional=True)
 
 
+def checked_voice_and_instructions(conversation: Conversation, voice, instructions,
+                                   voice_param: str = "voice",
+                                   instructions_param: str = "instructions"):
+    """(voice as the model names it, instructions), each None when not given; a ClientError
+    (`unknown_voice` / `bad_instructions`, in one sentence) for a bad one."""
+    try:
+        if voice is not None:
+            voice = pick_voice(voice, conversation.voices())
+    except DuplexError as exc:
+        raise ClientError("unknown_voice", f"{exc} The session was not changed.",
+                          voice_param) from None
+    try:
+        if instructions is not None:
+            instructions = check_instructions(instructions)
+    except DuplexError as exc:
+        raise ClientError("bad_instructions", f"{exc} The session was not changed.",
+                          instructions_param) from None
+    return voice, instructions
+
+
 def stage_marks(stages) -> dict[str, float]:
     """The engine's stage marks as a plain dict (a StageTimings, a dict, or None)."""
     if stages is None:
@@ -228,6 +251,7 @@ class Pcm16Connection:
         self.events = EventTranslator(self.send)
         self.session_factory = session_factory
         self.session: Session | None = None
+        self.voice, self.instructions = settings.qwen.voice, settings.qwen.system_prompt
 
     def send(self, item: Any) -> None:
         """Queue a frame (bytes: audio; dict: event) from any thread, in order."""
@@ -240,7 +264,10 @@ class Pcm16Connection:
     async def run(self) -> None:
         """Reset the conversation, run the session, and stop the model's work on the way out."""
         try:
-            await asyncio.to_thread(self.conversation.reset)
+            # The server's voice and instructions: the last client may have changed them.
+            await asyncio.to_thread(functools.partial(
+                self.conversation.reset, voice=self.voice, system_prompt=self.instructions))
+            self.voice = pick_voice(self.voice, self.conversation.voices())
             self.session = self.session_factory(self.settings, self.conversation, self.player,
                                                 self.events)
         except Exception as exc:  # a broken model or VAD: tell the client, keep serving others
@@ -250,7 +277,8 @@ class Pcm16Connection:
             return
         self.session.start()
         self.send({"type": "ready", "input_rate": SAMPLE_RATE, "output_rate": OUTPUT_SAMPLE_RATE,
-                   "format": "pcm16le mono"})
+                   "format": "pcm16le mono", "voice": self.voice,
+                   "voices": list(self.conversation.voices()), "instructions": self.instructions})
         self.events.set_state("listening")
         sender = asyncio.create_task(self._send_loop())
         ticker = asyncio.create_task(self._tick_loop())
@@ -354,8 +382,22 @@ class Pcm16Connection:
             raise ClientError("bad_json", "A text frame was not valid JSON; it was ignored.") from None
         if not isinstance(message, dict) or not isinstance(message.get("type"), str):
             raise ClientError("bad_event", 'A text frame must be a JSON object with a "type".')
+        if message["type"] == "session":
+            return self._configure(message)
         if message["type"] != "playback":
             raise ClientError("unknown_event", f'Unknown event type {message["type"][:60]!r}; '
-                                               'this endpoint takes "playback" (and binary audio).')
+                                               'this endpoint takes "playback", "session" (and '
+                                               'binary audio).')
         self.player.report(*parse_playback(message))
         self._hear(np.zeros(0, np.float32))
+
+    def _configure(self, message: dict) -> None:
+        """Voice and instructions from the next reply on; answered by `session.updated`
+        (`mid_reply`: a reply was in flight, and keeps what it started with)."""
+        voice, instructions = checked_voice_and_instructions(
+            self.conversation, message.get("voice"), message.get("instructions"))
+        self.session.configure(voice, instructions)
+        self.voice = voice or self.voice
+        self.instructions = instructions if instructions is not None else self.instructions
+        self.send({"type": "session.updated", "voice": self.voice,
+                   "instructions": self.instructions, "mid_reply": self.session.replying})

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import threading
 import time
@@ -41,7 +42,7 @@ from duplex_chat.audio.resample import StreamResampler
 from duplex_chat.audio.vad import SpeechEnded, SpeechStarted, VadEvent
 from duplex_chat.config import Settings
 from duplex_chat.model.events import TextDelta, TurnFinished
-from duplex_chat.model.protocol import Conversation
+from duplex_chat.model.protocol import Conversation, pick_voice
 from duplex_chat.session import (
     EngineEvent,
     HistoryCut,
@@ -56,7 +57,13 @@ from duplex_chat.session import (
 )
 
 from .limits import TokenBucket
-from .pcm16 import AUDIO_BURST_S, TICK_S, float_to_pcm16, pcm16_to_float
+from .pcm16 import (
+    AUDIO_BURST_S,
+    TICK_S,
+    checked_voice_and_instructions,
+    float_to_pcm16,
+    pcm16_to_float,
+)
 from .pcm16 import ClientError as _Pcm16ClientError
 
 API_RATE = 24_000  # the API's PCM rate, in and out
@@ -249,7 +256,10 @@ class RealtimeConnection:
     # ---- the connection's life -------------------------------------------------------------
     async def run(self) -> None:
         try:
-            await asyncio.to_thread(self.conversation.reset)
+            # The server's voice and instructions: the last client may have changed them.
+            await asyncio.to_thread(functools.partial(
+                self.conversation.reset, voice=self.voice, system_prompt=self.instructions))
+            self.voice = pick_voice(self.voice, self.conversation.voices())
             self.session = self.session_factory(self.settings, self.conversation, self.player,
                                                 self.on_event)
         except Exception as exc:
@@ -367,32 +377,28 @@ class RealtimeConnection:
                                     or fmt.get("rate", API_RATE) != API_RATE):
                 raise ClientError("unsupported_format", f"{where}: only audio/pcm at 24000 Hz is "
                                   "supported; the session was not changed.")
+        voice = out.get("voice", session.get("voice"))
+        if isinstance(voice, dict):
+            voice = voice.get("id")
+        if voice is not None and not isinstance(voice, str):
+            raise ClientError("bad_event", "audio.output.voice must be a string.",
+                              param="session.audio.output.voice")
+        # Checked before anything is applied: a bad value leaves the session as it was.
+        voice, instructions = checked_voice_and_instructions(
+            self.conversation, voice, session.get("instructions"),
+            "session.audio.output.voice", "session.instructions")
         if "turn_detection" in inp:
             self._turn_detection(inp["turn_detection"])
-        not_applied = []
-        voice = out.get("voice", session.get("voice"))
-        if voice is not None:
-            if isinstance(voice, dict):
-                voice = voice.get("id")
-            if not isinstance(voice, str):
-                raise ClientError("bad_event", "audio.output.voice must be a string.")
-            if voice != self.settings.qwen.voice:
-                not_applied.append(f"voice {voice!r} (the model speaks as "
-                                   f"{self.settings.qwen.voice!r}, [qwen] voice)")
-            self.voice = voice
-        instructions = session.get("instructions")
-        if instructions is not None:
-            if not isinstance(instructions, str):
-                raise ClientError("bad_event", "instructions must be a string.")
-            if instructions != self.settings.qwen.system_prompt:
-                not_applied.append("instructions (the model keeps the server's [qwen] "
-                                   "system_prompt)")
-            self.instructions = instructions
+        changed = (voice not in (None, self.voice)
+                   or instructions not in (None, self.instructions))
+        self.session.configure(voice, instructions)
+        self.voice = voice or self.voice
+        self.instructions = instructions if instructions is not None else self.instructions
         self.send({"type": "session.updated", "session": self.session_object()})
-        if not_applied:
-            self.error("not_applied", "Accepted but not applied yet: " + "; ".join(not_applied)
-                       + ". This server cannot change them per session.",
-                       client_event=event.get("event_id"))
+        if changed and self.response is not None and not self.response.done:
+            self.error("applies_from_next_response", "The response in progress keeps the voice "
+                       "and instructions it started with; the new ones apply from the next "
+                       "response.", kind="server_notice", client_event=event.get("event_id"))
 
     def _turn_detection(self, spec) -> None:
         session = self.session

@@ -34,7 +34,7 @@ from duplex_chat.audio.constants import (
 from duplex_chat.audio.vad import SileroVad, SpeechEnded, SpeechProbability, SpeechStarted
 from duplex_chat.config import Settings
 from duplex_chat.model.events import AudioPacket, StageTimings, TurnFinished, TurnStarted
-from duplex_chat.model.protocol import Conversation
+from duplex_chat.model.protocol import Conversation, check_instructions, pick_voice
 
 from . import events as ev
 from .bargein import BARGE_IN_WINDOWS, BargeIn, History
@@ -50,6 +50,7 @@ from .worker import (
     Progress,
     ReplyGate,
     Stop,
+    Configure,
     Truncate,
     Truncated,
     Worker,
@@ -255,6 +256,18 @@ class Session:
             return False
         self.worker.submit(Truncate(turn, heard_samples))
         return True
+
+    def configure(self, voice: str | None = None, system_prompt: str | None = None) -> None:
+        """Speak as `voice` and follow `system_prompt` from the next reply the worker starts
+        (None: keep): a reply in progress keeps what it started with. Checked here, so a bad
+        value raises DuplexError (one plain sentence) and changes nothing; the engine takes it
+        between commands, with no rebuild (`Conversation.configure`)."""
+        if voice is not None:
+            voice = pick_voice(voice, self.conversation.voices())
+        if system_prompt is not None:
+            system_prompt = check_instructions(system_prompt)
+        if not self.closed:
+            self.worker.submit(Configure(voice, system_prompt))
 
     # ---- one window's worth of audio ------------------------------------------------------
     def _step(self, clean: np.ndarray) -> None:

@@ -129,11 +129,20 @@ class Truncate:
 
 
 @dataclass(frozen=True)
+class Configure:
+    """Voice and system prompt from the next reply on (`Conversation.configure`; None: keep).
+    Validate them first (`pick_voice`, `check_instructions`): an error here ends the worker."""
+
+    voice: str | None = None
+    system_prompt: str | None = None
+
+
+@dataclass(frozen=True)
 class Stop:
     """End the worker."""
 
 
-Command = Feed | EndTurn | Truncate | Stop
+Command = Feed | EndTurn | Truncate | Configure | Stop
 
 
 @dataclass(frozen=True)
@@ -200,6 +209,8 @@ class InlineWorker:
             self.outputs.put(Truncated(command.turn, command.heard_samples, text, command.estimated))
         elif isinstance(command, EndTurn):
             self._reply(command.reply)
+        elif isinstance(command, Configure):
+            self.conversation.configure(command.voice, command.system_prompt)
         return True
 
     def _reply(self, reply: int) -> None:

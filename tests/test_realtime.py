@@ -282,22 +282,60 @@ def test_unsupported_event_gets_an_error_and_the_connection_stays_open():
             client.send({"type": "conversation.item.retrieve", "item_id": "x", "event_id": "ev1"})
             error = client.wait_for("error")
             client.send({"type": "session.update", "session": {
-                "type": "realtime", "instructions": "Be brief.",
-                "audio": {"output": {"voice": "alloy"}}}})
-            updated = client.wait_for("session.updated")
-            not_applied = client.wait_for("error", count=2)
-            client.send({"type": "session.update", "session": {
                 "type": "realtime", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}})
-            bad_format = client.wait_for("error", count=3)
+            bad_format = client.wait_for("error", count=2)
             assert not client.closed
         finally:
             client.close()
     assert error.error.code == "unsupported_event" and error.error.event_id == "ev1"
     assert "conversation.item.retrieve" in error.error.message
-    assert updated.session.audio.output.voice == "alloy"
-    assert updated.session.instructions == "Be brief."
-    assert not_applied.error.code == "not_applied" and "voice" in not_applied.error.message
     assert bad_format.error.code == "unsupported_format"
+    assert not client.of("session.updated")
+
+
+# ---- voice and instructions --------------------------------------------------------------------
+@pytest.mark.slow
+def test_session_update_sets_voice_and_instructions_at_the_start_and_between_replies():
+    """Applied at once before the first reply (the engine takes them with no rebuild); an
+    unknown voice is one clear error and changes nothing (turn detection included); mid-reply
+    the response keeps its voice and a notice says the new one applies from the next."""
+    with scripted_server(seconds=3.0, realtime_factor=1.0) as (conversation, address):
+        client = Client(address)
+        try:
+            created = client.wait_for("session.created")
+            client.send({"type": "session.update", "event_id": "ev_bad", "session": {
+                "type": "realtime", "audio": {"input": {"turn_detection": None},
+                                              "output": {"voice": "alloy"}}}})
+            bad = client.wait_for("error")
+            client.send({"type": "session.update", "session": {
+                "type": "realtime", "instructions": "Be a pirate.",
+                "audio": {"output": {"voice": "chelsie"}}}})
+            first = client.wait_for("session.updated")
+            response = talk(client).response
+            client.send({"type": "session.update", "event_id": "ev_mid", "session": {
+                "type": "realtime", "audio": {"output": {"voice": "Aiden"}}}})
+            mid = client.wait_for("session.updated", count=2)
+            notice = client.wait_for("error", count=2)
+            done = client.wait_for("response.done", timeout=20)
+        finally:
+            client.close()
+    assert created.session.audio.output.voice == "Ethan"
+    default = ("Ethan", created.session.instructions)  # the server's: the conversation reset to it
+    assert bad.error.code == "unknown_voice" and bad.error.event_id == "ev_bad"
+    assert bad.error.param == "session.audio.output.voice"
+    assert bad.error.message.startswith("Unknown voice 'alloy'; this model speaks Aiden, "
+                                        "Chelsie, Ethan.")
+    assert first.session.audio.output.voice == "Chelsie"
+    assert first.session.instructions == "Be a pirate."
+    assert first.session.audio.input.turn_detection.type == "server_vad"  # the bad one: unchanged
+    assert done.response.id == response.id
+    assert done.response.audio.output.voice == "Aiden"  # the session's voice by then
+    assert mid.session.audio.output.voice == "Aiden"
+    assert notice.error.code == "applies_from_next_response" and notice.error.event_id == "ev_mid"
+    calls = [(name, arg) for _, name, arg in conversation.calls if name in ("configure", "end_turn")]
+    assert [arg for name, arg in calls if name == "configure"][-3:] == [
+        default, ("Chelsie", "Be a pirate."), ("Aiden", "Be a pirate.")]
+    assert [name for name, _ in calls][-3:] == ["configure", "end_turn", "configure"]
 
 
 def test_a_second_realtime_client_is_told_the_server_is_busy():

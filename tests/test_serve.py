@@ -56,6 +56,8 @@ def test_round_trip_with_the_tiny_model(tiny_models):
         client = VirtualBrowser(ws_url(address))
         try:
             assert client.wait_for("ready")["output_rate"] == 24_000
+            client.send({"type": "session", "voice": "Chelsie", "instructions": "Be brief."})
+            client.wait_for("session.updated")
             client.say(speech())
             turn = client.wait_for("turn", timeout=30)
             assert 0.5 < turn["end_s"] - turn["start_s"] < 3.0
@@ -74,6 +76,9 @@ def test_round_trip_with_the_tiny_model(tiny_models):
     states = [e["state"] for e in client.events if e["type"] == "state"]
     assert states[:4] == ["listening", "user_speaking", "thinking", "assistant_speaking"]
     assert states[-1] == "listening"
+    # the engine took the client's voice and instructions (tests/test_engine_fidelity.py: the
+    # reply is then generate()'s with them)
+    assert (state.conversation.voice, state.conversation.system_prompt) == ("Chelsie", "Be brief.")
 
 
 @pytest.mark.slow
@@ -154,6 +159,79 @@ def test_a_disconnect_mid_reply_stops_the_model_and_the_next_client_is_served():
         finally:
             nxt.close()
     assert len(conversation.called("reset")) == 2
+
+
+# ---- voice and instructions per client ---------------------------------------------------------
+def configured(conversation) -> list:
+    """(voice, system prompt) of every configure call, in order (reset's too)."""
+    return [arg for _, arg in conversation.called("configure")]
+
+
+@pytest.mark.slow
+def test_voice_and_instructions_per_client_without_rebuilding():
+    """A `session` event sets the voice and the instructions before the first reply (the page
+    sends it on connect); a bad voice is one clear error and changes nothing; mid-reply the
+    reply keeps its voice and the server says so; the next client starts with the server's."""
+    conversation = scripted(seconds=3.0, realtime_factor=1.0)  # generating takes 3 s
+    state = ServerState(serve_settings(), conversation)
+    default = (state.settings.qwen.voice, state.settings.qwen.system_prompt)
+    with running_server(state) as address:
+        client = VirtualBrowser(ws_url(address))
+        try:
+            ready = client.wait_for("ready")
+            client.send({"type": "session", "voice": "alloy"})
+            error = client.wait_for("error")
+            client.send({"type": "session", "voice": "chelsie", "instructions": "Be a pirate."})
+            updated = client.wait_for("session.updated")
+            client.say(speech())
+            client.wait_for("reply.start", timeout=20)
+            client.send({"type": "session", "voice": "Aiden"})
+            mid = client.wait_for("session.updated", count=2)
+            client.wait_for("reply.end", timeout=20)
+        finally:
+            client.close()
+        calls = [name for _, name, _ in conversation.calls
+                 if name in ("configure", "end_turn")]
+        assert calls[-3:] == ["configure", "end_turn", "configure"]  # Aiden: after the reply
+        deadline = time.monotonic() + 10
+        while state.busy or state.clients_served < 1:  # the first client's goodbye
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        nxt = VirtualBrowser(ws_url(address))
+        try:
+            again = nxt.wait_for("ready")
+        finally:
+            nxt.close()
+    assert ready["voice"] == "Ethan" and ready["voices"] == ["Aiden", "Chelsie", "Ethan"]
+    assert ready["instructions"] == default[1]
+    assert error["code"] == "unknown_voice"
+    assert error["message"] == ("Unknown voice 'alloy'; this model speaks Aiden, Chelsie, Ethan. "
+                                "The session was not changed.")
+    assert updated == {"type": "session.updated", "voice": "Chelsie",
+                       "instructions": "Be a pirate.", "mid_reply": False}
+    assert mid["voice"] == "Aiden" and mid["mid_reply"] is True
+    assert configured(conversation) == [default, ("Chelsie", "Be a pirate."),
+                                        ("Aiden", "Be a pirate."), default]
+    assert again["voice"] == "Ethan" and again["instructions"] == default[1]
+
+
+def test_the_page_offers_the_model_s_voices_and_the_server_s_instructions():
+    """The page's voice selector and instructions box are filled from the server: its voices,
+    its [qwen] voice and system prompt (written so no prompt can end the script element)."""
+    import json
+    import re
+
+    settings = serve_settings().replace("qwen", voice="chelsie",
+                                        system_prompt="Say </script><b>hi</b> & bye.")
+    state = ServerState(settings, scripted())
+    with running_server(state) as address:
+        page = urllib.request.urlopen(f"http://{address}/").read().decode()
+    assert "</script><b>" not in page
+    found = re.search(r'<script id="server-config" type="application/json">(.*?)</script>', page)
+    assert json.loads(found.group(1)) == {"voices": ["Aiden", "Chelsie", "Ethan"],
+                                          "voice": "Chelsie",
+                                          "instructions": "Say </script><b>hi</b> & bye."}
+    assert '<select id="voice">' in page and '<textarea id="instructions"' in page
 
 
 # ---- guards ------------------------------------------------------------------------------------
