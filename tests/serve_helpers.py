@@ -31,11 +31,23 @@ def serve_settings(base=None, **serve):
     return settings.replace("serve", **serve) if serve else settings
 
 
+def lan_address() -> str | None:
+    """This machine's address on its default route (not loopback), or None if it has none.
+    (A UDP socket's connect only picks the route: nothing is sent.)"""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") or address == "0.0.0.0" else address
+
+
 @contextlib.contextmanager
-def running_server(state: ServerState, **extra) -> Iterator[str]:
-    """Serve `state` on 127.0.0.1 at a free port; yields "127.0.0.1:PORT"."""
+def running_server(state: ServerState, host: str = "127.0.0.1", **extra) -> Iterator[str]:
+    """Serve `state` on `host` at a free port; yields "HOST:PORT"."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn_config(state.settings, create_app(state), **extra))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -45,7 +57,7 @@ def running_server(state: ServerState, **extra) -> Iterator[str]:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
     try:
-        yield f"127.0.0.1:{port}"
+        yield f"{host}:{port}"
     finally:
         server.should_exit = True
         thread.join(10)
