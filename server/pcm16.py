@@ -18,14 +18,12 @@ reply's last packet never arrives after the next reply's `reply.start`).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import threading
 from typing import Any, Callable
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
 from duplex_chat.config import DuplexError, Settings
@@ -45,19 +43,11 @@ from duplex_chat.session import (
     UserSpeechStarted,
 )
 
+from .connection import ClientError, SessionConnection
 from .limits import TokenBucket
 
 AHEAD_S = 10.0  # reply audio sent ahead of what the client reports played (then the worker waits)
-TICK_S = 0.05  # the session's outputs are drained this often even when no audio comes in
 AUDIO_BURST_S = 3.0  # audio a client may send at once beyond the average rate
-
-
-class ClientError(Exception):
-    """Bad input from the client: becomes an error event; the connection stays open."""
-
-    def __init__(self, code: str, message: str, param: str | None = None):
-        super().__init__(message)
-        self.code, self.message, self.param = code, message, param
 
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
@@ -234,134 +224,35 @@ class EventTranslator:
             self.set_state("assistant_speaking")
 
 
-class Pcm16Connection:
+class Pcm16Connection(SessionConnection):
     """Serves one client on an accepted WebSocket until it leaves, idles or breaks the rules."""
 
     def __init__(self, websocket: WebSocket, settings: Settings, conversation: Conversation,
                  session_factory: Callable[..., Session] = Session):
-        self.ws, self.settings, self.conversation = websocket, settings, conversation
+        super().__init__(websocket, settings, conversation, session_factory)
         serve = settings.serve
         self.audio_bucket = TokenBucket(serve.max_audio_rate * SAMPLE_RATE,
                                         max(AUDIO_BURST_S, serve.max_frame_bytes / 2 / SAMPLE_RATE)
                                         * SAMPLE_RATE)
-        self.message_bucket = TokenBucket(serve.max_messages_per_s, serve.max_messages_per_s)
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
         self.player = SocketPlayer(self.send)
-        self.events = EventTranslator(self.send)
-        self.session_factory = session_factory
-        self.session: Session | None = None
-        self.voice, self.instructions = settings.qwen.voice, settings.qwen.system_prompt
-
-    def send(self, item: Any) -> None:
-        """Queue a frame (bytes: audio; dict: event) from any thread, in order."""
-        self.loop.call_soon_threadsafe(self.outbox.put_nowait, item)
+        self.events = self.session_events = EventTranslator(self.send)
 
     def error(self, code: str, message: str) -> None:
         """An error event in plain words."""
         self.send({"type": "error", "code": code, "message": message})
 
-    async def run(self) -> None:
-        """Reset the conversation, run the session, and stop the model's work on the way out."""
-        try:
-            # The server's voice and instructions: the last client may have changed them.
-            await asyncio.to_thread(functools.partial(
-                self.conversation.reset, voice=self.voice, system_prompt=self.instructions))
-            self.voice = pick_voice(self.voice, self.conversation.voices())
-            self.session = self.session_factory(self.settings, self.conversation, self.player,
-                                                self.events)
-        except Exception as exc:  # a broken model or VAD: tell the client, keep serving others
-            await self.ws.send_json({"type": "error", "code": "model_failed",
-                                     "message": f"The conversation could not start: {exc}"})
-            await self.ws.close(1011, "model failed")
-            return
-        self.session.start()
+    async def start_failed(self, exc: Exception) -> None:
+        await self.ws.send_json({"type": "error", "code": "model_failed",
+                                 "message": f"The conversation could not start: {exc}"})
+
+    def started(self) -> None:
         self.send({"type": "ready", "input_rate": SAMPLE_RATE, "output_rate": OUTPUT_SAMPLE_RATE,
                    "format": "pcm16le mono", "voice": self.voice,
                    "voices": list(self.conversation.voices()), "instructions": self.instructions})
         self.events.set_state("listening")
-        sender = asyncio.create_task(self._send_loop())
-        ticker = asyncio.create_task(self._tick_loop())
-        try:
-            await self._receive_loop()
-        finally:
-            ticker.cancel()
-            await asyncio.to_thread(self._close_session)
-            await self._flush_and_stop(sender)
 
-    def _close_session(self) -> None:
-        """Stop the reply and the worker, and wait until the model is really idle (the next
-        client's reset must not race this one's last step)."""
-        session = self.session
-        session.close()
-        session.worker.join()
-
-    async def _flush_and_stop(self, sender: asyncio.Task) -> None:
-        await asyncio.sleep(0)  # let call_soon_threadsafe callbacks land in the outbox
-        self.outbox.put_nowait(None)
-        try:
-            await asyncio.wait_for(sender, 2.0)
-        except (asyncio.TimeoutError, Exception):
-            sender.cancel()
-
-    async def _send_loop(self) -> None:
-        while (item := await self.outbox.get()) is not None:
-            try:
-                if isinstance(item, bytes):
-                    await self.ws.send_bytes(item)
-                elif item.get("type") == "close":
-                    await self.ws.close(item["code"], item.get("reason", ""))
-                    return
-                else:
-                    await self.ws.send_text(json.dumps(item))
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                return  # the client is gone; the receive loop sees it too
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            if not self._hear(np.zeros(0, np.float32)):
-                return
-
-    def _hear(self, samples: np.ndarray) -> bool:
-        """Give the session audio (or nothing, to drain it); False once the model failed."""
-        try:
-            self.session.hear(samples)
-            return True
-        except Exception as exc:  # the worker died: say so in words and end the connection
-            self.error("model_failed", f"The model failed and this conversation ended: {exc}")
-            self.send({"type": "close", "code": 1011, "reason": "model failed"})
-            self.failed = True
-            return False
-
-    failed = False
-
-    async def _receive_loop(self) -> None:
-        idle = self.settings.serve.idle_timeout_s
-        while not self.failed:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), idle)
-            except asyncio.TimeoutError:
-                self.error("idle", f"Nothing was received for {idle:g} s, so the server closed "
-                                   "this connection.")
-                self.send({"type": "close", "code": 1000, "reason": "idle"})
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            try:
-                self._handle(message)
-            except ClientError as exc:
-                self.error(exc.code, exc.message)
-
-    def _handle(self, message: dict) -> None:
+    def on_message(self, message: dict) -> None:
         data, text = message.get("bytes"), message.get("text")
-        size = len(data) if data is not None else len((text or "").encode())
-        limit = self.settings.serve.max_frame_bytes
-        if size > limit:
-            raise ClientError("frame_too_large", f"A frame of {size} bytes is over the "
-                                                 f"{limit}-byte limit; it was dropped.")
-        if not self.message_bucket.take(1):
-            raise ClientError("rate_limited", "Too many frames per second; this one was dropped.")
         if data is not None:
             self._audio(data)
         else:

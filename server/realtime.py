@@ -23,10 +23,8 @@ audio into the `RealtimePlayer`; everything sent goes through `loop.call_soon_th
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import functools
 import json
 import threading
 import time
@@ -35,14 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
 from duplex_chat.audio.resample import StreamResampler
 from duplex_chat.audio.vad import SpeechEnded, SpeechStarted, VadEvent
 from duplex_chat.config import Settings
 from duplex_chat.model.events import TextDelta, TurnFinished
-from duplex_chat.model.protocol import Conversation, pick_voice
+from duplex_chat.model.protocol import Conversation
 from duplex_chat.session import (
     EngineEvent,
     HistoryCut,
@@ -56,15 +54,10 @@ from duplex_chat.session import (
     UserSpeechStarted,
 )
 
+from .connection import ClientError as _BaseClientError
+from .connection import SessionConnection
 from .limits import TokenBucket
-from .pcm16 import (
-    AUDIO_BURST_S,
-    TICK_S,
-    checked_voice_and_instructions,
-    float_to_pcm16,
-    pcm16_to_float,
-)
-from .pcm16 import ClientError as _Pcm16ClientError
+from .pcm16 import AUDIO_BURST_S, checked_voice_and_instructions, float_to_pcm16, pcm16_to_float
 
 API_RATE = 24_000  # the API's PCM rate, in and out
 MODEL_NAME = "duplex-chat-qwen3-omni"
@@ -73,7 +66,7 @@ SUPPORTED = ("session.update", "input_audio_buffer.append", "input_audio_buffer.
              "conversation.item.truncate")
 
 
-class ClientError(_Pcm16ClientError):
+class ClientError(_BaseClientError):
     """Bad input from the client: an `error` event (`param`: the field at fault, if one is)."""
 
     def __init__(self, code: str, message: str, param: str | None = None):
@@ -189,26 +182,22 @@ class _Response:
     extra: dict = field(default_factory=dict)
 
 
-class RealtimeConnection:
+class RealtimeConnection(SessionConnection):
     """Serves one Realtime client on an accepted WebSocket until it leaves, idles or breaks."""
+
+    rate_unit = "events"
 
     def __init__(self, websocket: WebSocket, settings: Settings, conversation: Conversation,
                  session_factory: Callable[..., Session] = Session):
-        self.ws, self.settings, self.conversation = websocket, settings, conversation
+        super().__init__(websocket, settings, conversation, session_factory)
         serve = settings.serve
         self.audio_bucket = TokenBucket(serve.max_audio_rate * API_RATE,
                                         max(AUDIO_BURST_S, serve.max_frame_bytes * 3 / 8 / API_RATE)
                                         * API_RATE)
-        self.message_bucket = TokenBucket(serve.max_messages_per_s, serve.max_messages_per_s)
-        self.outbox: asyncio.Queue = asyncio.Queue()
-        self.loop = asyncio.get_running_loop()
         self.player = RealtimePlayer(self.send)
-        self.session_factory = session_factory
-        self.session: Session | None = None
+        self.session_events = self.on_event
         self.resampler = StreamResampler(API_RATE, SAMPLE_RATE)
         self.session_id = new_id("sess")
-        self.voice = settings.qwen.voice
-        self.instructions = settings.qwen.system_prompt
         self.vad = settings.vad
         self.manual = False
         self.buffer: list[np.ndarray] = []  # manual mode: appended audio (16 kHz), not committed
@@ -218,7 +207,6 @@ class RealtimeConnection:
         self.response: _Response | None = None  # the latest response
         self.items: dict[str, _Response] = {}  # assistant item id -> its response
         self.cuts: dict[int, tuple[str, int]] = {}  # turn -> (item id, audio_end_ms) to confirm
-        self.failed = False
 
     # ---- sending ---------------------------------------------------------------------------
     def send(self, event: dict) -> None:
@@ -231,6 +219,13 @@ class RealtimeConnection:
         """An `error` event in the API's shape; the connection stays open."""
         self.send({"type": "error", "error": {"type": kind, "code": code, "message": message,
                                               "param": param, "event_id": client_event}})
+
+    def server_error(self, code: str, message: str) -> None:
+        self.error(code, message, kind="server_error")
+
+    def client_error(self, exc: _BaseClientError) -> None:  # pcm16_to_float's too
+        self.error(exc.code, exc.message, client_event=getattr(exc, "client_event", None),
+                   param=getattr(exc, "param", None))
 
     def session_object(self) -> dict:
         """The session as `session.created` / `session.updated` show it."""
@@ -254,107 +249,35 @@ class RealtimeConnection:
                 "tracing": None, "truncation": "auto", "prompt": None, "include": None}
 
     # ---- the connection's life -------------------------------------------------------------
-    async def run(self) -> None:
-        try:
-            # The server's voice and instructions: the last client may have changed them.
-            await asyncio.to_thread(functools.partial(
-                self.conversation.reset, voice=self.voice, system_prompt=self.instructions))
-            self.voice = pick_voice(self.voice, self.conversation.voices())
-            self.session = self.session_factory(self.settings, self.conversation, self.player,
-                                                self.on_event)
-        except Exception as exc:
-            await self.ws.send_text(json.dumps({
-                "type": "error", "event_id": new_id("event"),
-                "error": {"type": "server_error", "code": "model_failed", "param": None,
-                          "event_id": None,
-                          "message": f"The conversation could not start: {exc}"}}))
-            await self.ws.close(1011, "model failed")
-            return
-        self.session.start()
+    async def start_failed(self, exc: Exception) -> None:
+        await self.ws.send_text(json.dumps({
+            "type": "error", "event_id": new_id("event"),
+            "error": {"type": "server_error", "code": "model_failed", "param": None,
+                      "event_id": None,
+                      "message": f"The conversation could not start: {exc}"}}))
+
+    def started(self) -> None:
         self.send({"type": "session.created", "session": self.session_object()})
-        sender = asyncio.create_task(self._send_loop())
-        ticker = asyncio.create_task(self._tick_loop())
+
+    def on_message(self, message: dict) -> None:
+        """One frame (size and rate checked): a JSON event, dispatched by its type."""
+        text, data = message.get("text"), message.get("bytes")
+        if data is not None:
+            raise ClientError("bad_event", "This endpoint takes JSON text events; audio "
+                                           "goes in input_audio_buffer.append (base64).")
         try:
-            await self._receive_loop()
-        finally:
-            ticker.cancel()
-            await asyncio.to_thread(self._close_session)
-            await asyncio.sleep(0)
-            self.outbox.put_nowait(None)
-            try:
-                await asyncio.wait_for(sender, 2.0)
-            except (asyncio.TimeoutError, Exception):
-                sender.cancel()
-
-    def _close_session(self) -> None:
-        self.session.close()
-        self.session.worker.join()
-
-    async def _send_loop(self) -> None:
-        while (item := await self.outbox.get()) is not None:
-            try:
-                if item.get("type") == "close":
-                    await self.ws.close(item["code"], item.get("reason", ""))
-                    return
-                await self.ws.send_text(json.dumps(item))
-            except (WebSocketDisconnect, RuntimeError, OSError):
-                return
-
-    async def _tick_loop(self) -> None:
-        while True:
-            await asyncio.sleep(TICK_S)
-            if not self._hear(np.zeros(0, np.float32)):
-                return
-
-    def _hear(self, samples: np.ndarray) -> bool:
+            event = json.loads(text or "")
+        except ValueError:
+            raise ClientError("bad_json", "A frame was not valid JSON; it was ignored.") \
+                from None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            raise ClientError("bad_event", 'An event must be a JSON object with a "type".')
         try:
-            self.session.hear(samples)
-            return True
-        except Exception as exc:
-            self.error("model_failed", f"The model failed and this conversation ended: {exc}",
-                       kind="server_error")
-            self.send({"type": "close", "code": 1011, "reason": "model failed"})
-            self.failed = True
-            return False
-
-    async def _receive_loop(self) -> None:
-        idle = self.settings.serve.idle_timeout_s
-        while not self.failed:
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), idle)
-            except asyncio.TimeoutError:
-                self.error("idle", f"Nothing was received for {idle:g} s, so the server closed "
-                                   "this connection.")
-                self.send({"type": "close", "code": 1000, "reason": "idle"})
-                return
-            if message["type"] == "websocket.disconnect":
-                return
-            event_id = None
-            try:
-                text, data = message.get("text"), message.get("bytes")
-                size = len(data) if data is not None else len((text or "").encode())
-                limit = self.settings.serve.max_frame_bytes
-                if size > limit:
-                    raise ClientError("frame_too_large", f"A frame of {size} bytes is over the "
-                                                         f"{limit}-byte limit; it was dropped.")
-                if not self.message_bucket.take(1):
-                    raise ClientError("rate_limited", "Too many events per second; this one "
-                                                      "was dropped.")
-                if data is not None:
-                    raise ClientError("bad_event", "This endpoint takes JSON text events; audio "
-                                                   "goes in input_audio_buffer.append (base64).")
-                try:
-                    event = json.loads(text or "")
-                except ValueError:
-                    raise ClientError("bad_json", "A frame was not valid JSON; it was ignored.") \
-                        from None
-                if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                    raise ClientError("bad_event", 'An event must be a JSON object with a "type".')
-                event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
-                self._handle(event)
-            except _Pcm16ClientError as exc:  # pcm16_to_float's too
-                self.error(exc.code, exc.message, client_event=event_id,
-                           param=getattr(exc, "param", None))
+            self._handle(event)
+        except _BaseClientError as exc:  # the error names the event it answers
+            exc.client_event = event.get("event_id") if isinstance(event.get("event_id"), str) \
+                else None
+            raise
 
     # ---- client events ---------------------------------------------------------------------
     def _handle(self, event: dict) -> None:
