@@ -108,17 +108,14 @@ def _fill_layer(layer: torch.nn.Module, tensors: dict[str, Any], device: torch.d
                               "transformers version's layer does not.")
         module_name, _, leaf = name.rpartition(".")
         module = layer.get_submodule(module_name)
-        expected = tuple(wanted[name].shape)
-        if isinstance(value, QuantWeight):
-            got = tuple(value.shape)
-        else:
-            got = tuple(value.shape)
+        expected, got = tuple(wanted[name].shape), tuple(value.shape)  # QuantWeight: logical
+        if got != expected:  # before any copy or rounding of a tensor that cannot be used
+            raise DuplexError(f"The checkpoint's {what} {name} has shape {got}, the config "
+                              f"says {expected}.")
+        if not isinstance(value, QuantWeight):
             value = value.to(device=device, dtype=dtype)
             if scheme is not None and rounded_in_layer(name):
                 value = _quantize(value, scheme, what, name)
-        if got != expected:
-            raise DuplexError(f"The checkpoint's {what} {name} has shape {got}, the config "
-                              f"says {expected}.")
         if isinstance(value, QuantWeight):
             quantize_module(module, {leaf: _as_kernels_read(value.to(device))}, dtype)
         else:
