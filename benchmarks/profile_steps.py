@@ -1,7 +1,7 @@
 """Where the time goes: torch.profiler over one listening window, one end of turn and a short reply
 of the full-size random-weights model, the GPU's idle gaps during that reply, and one talker frame
 timed in the engine's own context against the same frame of a talker built alone (run on the GPU:
-`python3 benchmarks/profile_steps.py`)."""
+`python3 benchmarks/profile_steps.py`; the quantized model with `SCA_QWEN_QUANTIZE=int4`)."""
 
 from __future__ import annotations
 
@@ -94,7 +94,8 @@ def gpu_gaps(trace_path: str) -> None:
 def main() -> None:
     device = torch.device("cuda:0")
     settings = load_settings(overrides={"qwen.max_reply_seconds": 1.6, "qwen.max_reply_tokens": 8})
-    bundle = bench.random_weights_bundle(device, torch.bfloat16)
+    bundle = bench.random_weights_bundle(device, torch.bfloat16,  # SCA_QWEN_QUANTIZE=int4, say
+                                         schemes=bench.random_schemes(settings.qwen.quantize))
     conv = StreamingConversation(bundle, settings, seed=0)
     other = os.environ.get("MICRO_WAIT_FOR")  # other GPU work of the same call (the GPU tests)
     deadline = time.monotonic() + 420  # well inside gpu_bench.sh's timeout for this script

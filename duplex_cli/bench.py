@@ -49,14 +49,7 @@ def run_bench(settings: Settings, random_weights: bool, turns: int, user_s: floa
         raise DuplexError(f"--layout {layout}: layouts are {', '.join(bench.LAYOUTS)}, and only "
                           "with --random-weights (a real checkpoint brings its own).")
     if random_weights:
-        from duplex_chat.model.quant.formats import MODES
-
-        scheme = MODES.get(settings.qwen.quantize)
-        schemes = None if scheme is None else {"thinker": scheme, "talker": scheme}
-        if layout is not None:
-            if scheme is not None:
-                raise DuplexError(f"--layout {layout} is a quantization itself; drop --quantize.")
-            schemes = bench.LAYOUTS[layout]
+        schemes = bench.random_schemes(settings.qwen.quantize, layout)
         err.print("[dim]building the full-size model with random weights[/]")
         bundle = bench.random_weights_bundle(device, resolve_dtype(settings.qwen.torch_dtype, {}),
                                              schemes=schemes)
@@ -172,6 +165,11 @@ def render(console: Console, report: dict) -> None:
     if "peak_growth_gib" in report["engine"]:
         console.print(f"peak GPU memory grew {report['engine']['peak_growth_gib']:+.2f} GiB "
                       f"from the first measured turn to the last")
+    memory = report["engine"].get("memory_gib")
+    if memory:
+        console.print(f"GPU memory: weights {memory['weights']:.2f} GiB, at most "
+                      f"{memory['allocated_peak']:.2f} GiB allocated and "
+                      f"{memory['reserved_peak']:.2f} GiB reserved by torch")
     stages = report["engine"].get("stages_median", {})
     marks = [f"{k} {stages[k]:.0f} ms" for k in ("encode_tail", "prefill", "first_token",
                                                   "first_frame", "first_packet") if k in stages]

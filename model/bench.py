@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE, frames_to_samples
-from duplex_chat.config import Settings
+from duplex_chat.config import DuplexError, Settings
 
 from .events import AudioPacket, StageTimings, TextDelta
 from .loading import ModelBundle
@@ -72,6 +72,20 @@ LAYOUTS = {
     "community-awq": {"thinker": Scheme("int", 4, group_size=32, symmetric=False),
                       "talker": None},
 }
+
+
+def random_schemes(quantize: str = "none", layout: str | None = None
+                   ) -> dict[str, Scheme | None] | None:
+    """What `random_weights_bundle` quantizes each decoder stack with for `qwen.quantize =
+    quantize` or one of `LAYOUTS` (None: the 16-bit model)."""
+    from .quant.formats import MODES
+
+    scheme = MODES.get(quantize)
+    if layout is not None:
+        if scheme is not None:
+            raise DuplexError(f"--layout {layout} is a quantization itself; drop --quantize.")
+        return LAYOUTS[layout]
+    return None if scheme is None else {"thinker": scheme, "talker": scheme}
 
 
 def random_weights_bundle(device: torch.device, dtype: torch.dtype,
@@ -207,7 +221,24 @@ def engine_benchmark(bundle: ModelBundle, settings: Settings, turns: int, warmup
         result = run_turn(conversation, synthetic_voice(user_s, seed=i), chunk)
         if i >= warmup:
             results.append(result)
-    return summarize(results), results
+    summary = summarize(results)
+    if bundle.device.type == "cuda":
+        summary["memory_gib"] = memory_breakdown(bundle)
+    return summary, results
+
+
+def memory_breakdown(bundle: ModelBundle) -> dict[str, float]:
+    """Where the measured turns' GPU memory went, in GiB: the model's weights (parameters and
+    buffers, quantized ones as stored), the most allocated and the most the caching allocator
+    held (weights + caches + CUDA-graph pools + temporaries). nvidia-smi adds the CUDA context
+    and loaded kernels on top of `reserved_peak`."""
+    tensors = {id(t): t for t in (*bundle.model.parameters(), *bundle.model.buffers())}
+    weights = sum(t.nbytes for t in tensors.values() if t.device.type == "cuda")
+    return {
+        "weights": weights / GIB,
+        "allocated_peak": torch.cuda.max_memory_allocated(bundle.device) / GIB,
+        "reserved_peak": torch.cuda.max_memory_reserved(bundle.device) / GIB,
+    }
 
 
 def stock_benchmark(bundle: ModelBundle, settings: Settings, user_s: float) -> dict:

@@ -244,7 +244,8 @@ def assert_same_reply(conv, turn: Compared, text_prefix: bool = False) -> None:
     assert torch.equal(conv.last_codes.cpu(), ref.codes.cpu())
     expected = ref.waveform.cpu().numpy()
     assert turn.wave.shape == expected.shape
-    assert np.abs(turn.wave - expected).max() < WAVE_TOLERANCE
+    worst = float(np.abs(turn.wave - expected).max())
+    assert worst < WAVE_TOLERANCE, f"streamed waveform differs from generate()'s by {worst:.3g}"
 
 
 @contextlib.contextmanager

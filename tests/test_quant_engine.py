@@ -40,8 +40,13 @@ def dequantized_copy(bundle: ModelBundle, checkpoint=None) -> ModelBundle:
     """An ordinary model holding `bundle`'s quantized weights dequantized to float32: what
     generate() on those weights means. It is the checkpoint loaded by transformers alone (no
     layer-by-layer loading, no config changes) with those weights written in by name, so a
-    loader that put a weight in the wrong place, or left the config changed, differs from it."""
-    base = load_model(tiny_settings(checkpoint or bundle.source).qwen)
+    loader that put a weight in the wrong place, or left the config changed, differs from it.
+    It lives on `bundle`'s device, as in tests/test_gpu.py: the engine on the GPU against
+    generate() on the CPU differed in the waveform (tokens and codes equal; H100, 2026-12-06),
+    float32 convolutions on the two devices not being the same computation."""
+    device = next(bundle.model.parameters()).device
+    base = load_model(tiny_settings(checkpoint or bundle.source,
+                                    **({"device_map": "cuda"} if device.type == "cuda" else {})).qwen)
     quantized = quantized_schemes(bundle.model)
     assert quantized and not quantized_schemes(base.model)
     with torch.no_grad():
