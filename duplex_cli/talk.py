@@ -14,8 +14,10 @@ Threads and what each may do:
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol
 
 import numpy as np
@@ -25,7 +27,7 @@ from rich.table import Table
 from duplex_chat.audio.levels import level_db
 from duplex_chat.audio.vad import SpeechProbability
 from duplex_chat.config import DuplexError, Settings
-from duplex_chat.model.events import StageTimings, TextDelta
+from duplex_chat.model.events import AudioPacket, StageTimings, TextDelta
 from duplex_chat.model.protocol import Conversation
 from duplex_chat.session import Echo, Progress, Session
 from duplex_chat.session import events as ev
@@ -38,6 +40,8 @@ if TYPE_CHECKING:  # only for types: the streams import sounddevice when they op
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
 STALL_TIMEOUT_S = 1.5  # no audio callback for this long = the device is gone
+# the live view's native stderr log sits beside the recording: <stamp>-stderr.log
+EVENTS_SUFFIX, NATIVE_LOG_SUFFIX = "-events.jsonl", "-stderr.log"
 
 ConversationFactory = Callable[[Settings], ContextManager[Conversation]]
 
@@ -163,6 +167,8 @@ class TalkSession:
             # streams alone, 36-85 ms measured for the whole echo loop through the test's).
             self.echo = EchoCanceller()
         self.player = SpeakerPlayer(io)
+        self._reply_playing = False  # a reply's audio is on its way out: underruns count
+        self._underruns, self._underruns_seen = 0, 0  # the view's count; the io's total last seen
         self.session = Session(settings, conversation, self.player, self.on_event,
                                vad_model=vad_model, echo=self.echo)
 
@@ -175,20 +181,32 @@ class TalkSession:
         mic, played16, played24 = self.io.read_input()
         if self.recorder is not None:
             self.recorder.audio(mic, played24)
-        if len(mic):
-            self.view.set_level(level_db(mic))
         self.session.input_latency_s = self.io.latency_s[0]
         self.session.hear(mic, played16)
-        if self.session.replying:
-            self.view.reply_played(self.player.progress().heard)
-        c = self.io.counters
-        self.view.set_underruns(c.underruns + c.output_underflows)
+        self._show_audio(mic, played24)
 
     # ---- session events: the recording and the view ----------------------------------------
     def on_event(self, event: ev.SessionEvent) -> None:
         if self.recorder is not None:
             self.recorder.session_event(event)  # the log's names: recorder.py
         self._show(event)
+
+    def _show_audio(self, mic: np.ndarray, played24: np.ndarray) -> None:
+        """Levels, the words heard so far, and underruns: only those while a reply's audio is on
+        its way out count (PortAudio flags output underflows at start-up and while idle too,
+        which nobody hears)."""
+        if len(mic):
+            self.view.set_level(level_db(mic))
+        if len(played24):
+            self.view.set_output_level(level_db(played24))
+        if self.session.replying:
+            self.view.reply_played(self.player.progress().heard)
+        c = self.io.counters
+        total = c.underruns + c.output_underflows
+        if self._reply_playing:
+            self._underruns += total - self._underruns_seen
+        self._underruns_seen = total
+        self.view.set_underruns(self._underruns)
 
     def _show(self, event: ev.SessionEvent) -> None:
         view = self.view
@@ -202,23 +220,39 @@ class TalkSession:
         elif isinstance(event, ev.EngineEvent) and event.current:
             self._show_engine(event)
         elif isinstance(event, ev.ReplyAudible):
-            view.set_latency(event.latency_ms)
-            view.set_state(TalkState.SPEAKING)
+            view.reply_audible(event.latency_ms)  # "speaking" from the first sample heard
         elif isinstance(event, ev.Interrupted):
-            view.reply_finished(interrupted=True)
-            if event.cause == "barge_in":
-                view.set_state(TalkState.INTERRUPTED)
+            self._show_cut(event)
         elif isinstance(event, ev.HistoryCut):
             view.set_heard_text(event.text)
         elif isinstance(event, ev.ReplyFinished):
+            self._reply_playing = False
             view.reply_finished()
             view.set_state(TalkState.LISTENING)
         elif isinstance(event, ev.BargeInLapsed):
             view.set_state(TalkState.LISTENING)
+        elif isinstance(event, ev.DeviceTrouble) and event.kind == "streams_reopened":
+            view.info("The audio streams stopped and were opened again; a moment of sound may "
+                      "be missing.")
+
+    def _show_cut(self, event: ev.Interrupted) -> None:
+        """A reply cut short keeps the words heard up to the cut; a barge-in says "interrupted",
+        the end of the session "stopped"."""
+        self._reply_playing = False
+        if event.heard_samples is not None:
+            self.view.reply_played(event.heard_samples)
+        closing = event.cause == "close"
+        self.view.reply_finished(interrupted=True, ending="stopped" if closing else "interrupted")
+        if closing:
+            self.view.set_state(TalkState.STOPPED)
+        elif event.cause == "barge_in":
+            self.view.set_state(TalkState.INTERRUPTED)
 
     def _show_engine(self, event: ev.EngineEvent) -> None:
         if isinstance(event.event, TextDelta):
             self.view.reply_text(event.event.text, event.audio_at)
+        elif isinstance(event.event, AudioPacket):
+            self._reply_playing = True  # written to the speaker's ring before this event
         elif isinstance(event.event, StageTimings):
             stages = self.session.reply_stages  # the session's sum of the reply's timings
             if stages is not None:
@@ -261,8 +295,9 @@ def talk_session(settings: Settings, conversation_factory: ConversationFactory, 
 
     inp = find_device(settings.audio.input_device, "input")
     out = find_device(settings.audio.output_device, "output")
-    view = TalkView(console, settings.ui.refresh_hz, settings.ui.plain)
     recorder = SessionRecorder(settings.ui.record_dir) if settings.ui.record_dir else None
+    view = TalkView(console, settings.ui.refresh_hz, settings.ui.plain,
+                    native_log=native_log_path(recorder))
     try:
         with contextlib.ExitStack() as stack:
             conversation = stack.enter_context(conversation_factory(settings))
@@ -279,6 +314,15 @@ def talk_session(settings: Settings, conversation_factory: ConversationFactory, 
             recorder.close()
     return 0
 
+
+def native_log_path(recorder: SessionRecorder | None) -> Path:
+    """Where the live view sends what native libraries print: beside the recording, else the
+    user's state directory (one file, overwritten by each session)."""
+    if recorder is not None:
+        return recorder.events_path.with_name(
+            recorder.events_path.name.replace(EVENTS_SUFFIX, NATIVE_LOG_SUFFIX))
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "duplex-chat" / "talk-stderr.log"
 
 def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
                   stop: threading.Event | None) -> None:
