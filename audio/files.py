@@ -5,11 +5,17 @@ FLAC, OGG Vorbis/Opus, MP3, AIFF and more. Channels are averaged to mono, then s
 the target rate. `iter_audio_blocks` does this block by block with a streaming resampler, so a
 1-hour file never sits in memory at once; its concatenated output equals `read_audio` exactly.
 Every problem with the file itself is a `DuplexError` with one sentence naming the file.
+
+`write_wav` writes a whole array at once; `WavWriter` writes a WAV as audio arrives (talk's
+recordings, replay's `--out`) and keeps its header true while it grows, so a crash leaves a file
+every reader opens.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,6 +30,10 @@ from .resample import StreamResampler
 
 READ_FRAMES = 65_536  # source frames read per soundfile call: bounds memory whatever block_s is
 WRITE_SUBTYPES = ("PCM_16", "FLOAT")
+FLUSH_INTERVAL_S = 1.0  # a growing WavWriter's header is at most this far behind its audio
+PCM16_SCALE = 0x7FFF  # full scale of 16-bit samples, as libsndfile scales floats to them
+# A RIFF chunk's size is 32 bits, so one WAV file holds at most this many bytes after its first 8.
+RIFF_MAX_BYTES = 0xFFFF_FFFF
 CONVERT_HINT = (
     "Use WAV, FLAC, OGG or MP3; convert other files first, "
     "e.g. `ffmpeg -i INPUT -ar 16000 out.wav`."
@@ -99,6 +109,123 @@ def write_wav(
     except (OSError, sf.SoundFileError) as exc:
         raise DuplexError(f"Cannot write {path}: {_reason(exc)}.") from None
     return path
+
+
+class WavWriter:
+    """A WAV file written as audio arrives, whose header stays right while it grows.
+
+    The RIFF and data sizes (and a float file's `fact` frame count) are rewritten at each
+    `flush`, which `write` does by itself once `FLUSH_INTERVAL_S` has passed since the last one.
+    So at any moment the header counts all the audio written up to at most that long ago, and a
+    crash or a `kill -9` leaves a valid WAV that sox, libsndfile and players read; samples written
+    after the last flush lie past the declared data and are ignored. The header is written with
+    `os.pwrite`, which leaves the file position alone, so a signal that interrupts a flush never
+    misplaces the next samples. Nothing is fsynced: what survives a process crash may not survive
+    a power cut. A file that would pass the 4 GiB a RIFF header can count goes on in
+    `<stem>-2.wav`, `<stem>-3.wav`..., each a complete WAV (`paths` lists them).
+
+    `subtype` is one of WRITE_SUBTYPES: "FLOAT" keeps float32 as is, "PCM_16" clips to [-1, 1]
+    and rounds to 16 bits (as `write_wav` does). Raises DuplexError when the file cannot be made.
+    """
+
+    def __init__(self, path: str | os.PathLike, rate: int, channels: int = 1,
+                 subtype: str = "FLOAT", max_bytes: int = RIFF_MAX_BYTES,
+                 clock=time.monotonic):
+        if subtype not in WRITE_SUBTYPES:
+            raise ValueError(f"subtype must be one of {WRITE_SUBTYPES}, got {subtype!r}")
+        self.rate, self.channels, self.subtype = int(rate), int(channels), subtype
+        self._dtype = np.dtype("<f4") if subtype == "FLOAT" else np.dtype("<i2")
+        self._frame_bytes = self._dtype.itemsize * self.channels
+        self._header_bytes = len(self._header(0))
+        # Whole frames only, so that a file ends on a frame and the next part starts on one.
+        room = max_bytes - (self._header_bytes - 8)
+        self._max_frames = room // self._frame_bytes
+        if self._max_frames < 1:
+            raise ValueError(f"max_bytes={max_bytes} leaves no room for a frame")
+        self._clock = clock
+        self.paths: list[Path] = []
+        self.frames = 0  # frames written, over all parts
+        self.closed = False
+        self._first = Path(path)
+        self._file = self._open_part()
+        self._part_frames = 0  # frames in the current part
+        self._last_flush = clock()
+
+    def write(self, samples: np.ndarray) -> None:
+        """Append float samples, shape (n,) or (n, channels), values in [-1, 1]."""
+        data = np.asarray(samples, dtype=np.float32).reshape(-1, self.channels)
+        if self.subtype == "PCM_16":
+            data = np.round(np.clip(data, -1.0, 1.0) * PCM16_SCALE)
+        data = data.astype(self._dtype)
+        while len(data):
+            if self._part_frames == self._max_frames:
+                self._next_part()
+            n = min(len(data), self._max_frames - self._part_frames)
+            self._file.write(data[:n].tobytes())
+            self._part_frames += n
+            self.frames += n
+            data = data[n:]
+        if self._clock() - self._last_flush >= FLUSH_INTERVAL_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand what was written to the OS and make the header count it."""
+        if self.closed:
+            return
+        self._file.flush()
+        frames = (self._file.tell() - self._header_bytes) // self._frame_bytes
+        os.pwrite(self._file.fileno(), self._header(frames), 0)
+        self._last_flush = self._clock()
+
+    def close(self) -> None:
+        """Flush and close (idempotent)."""
+        if self.closed:
+            return
+        self.flush()
+        self._file.close()
+        self.closed = True
+
+    def __enter__(self) -> WavWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open_part(self):
+        n = len(self.paths) + 1
+        path = self._first if n == 1 else self._first.with_name(
+            f"{self._first.stem}-{n}{self._first.suffix}")
+        if not path.parent.is_dir():
+            raise DuplexError(f"Cannot write {path}: the folder {path.parent} does not exist.")
+        try:
+            handle = open(path, "wb")
+        except OSError as exc:
+            raise DuplexError(f"Cannot write {path}: {_reason(exc)}.") from None
+        handle.write(self._header(0))
+        handle.flush()  # a valid, empty WAV on disk from the start
+        self.paths.append(path)
+        return handle
+
+    def _next_part(self) -> None:
+        self.flush()
+        self._file.close()
+        self._file = self._open_part()
+        self._part_frames = 0
+
+    def _header(self, frames: int) -> bytes:
+        """RIFF/WAVE header for `frames` frames: PCM, or IEEE float with the `fact` chunk that
+        non-PCM formats carry."""
+        data_bytes = frames * self._dtype.itemsize * self.channels
+        block = self._dtype.itemsize * self.channels
+        fmt = struct.pack("<HHIIHH", 3 if self.subtype == "FLOAT" else 1, self.channels,
+                          self.rate, self.rate * block, block, 8 * self._dtype.itemsize)
+        if self.subtype == "FLOAT":
+            chunks = (b"fmt " + struct.pack("<I", len(fmt) + 2) + fmt + b"\0\0"
+                      + b"fact" + struct.pack("<II", 4, frames))
+        else:
+            chunks = b"fmt " + struct.pack("<I", len(fmt)) + fmt
+        body = b"WAVE" + chunks + b"data" + struct.pack("<I", data_bytes)
+        return b"RIFF" + struct.pack("<I", len(body) + data_bytes) + body
 
 
 def _open(path: Path) -> sf.SoundFile:

@@ -11,8 +11,11 @@ engine's under their class names in snake_case (`TurnFinished` -> "turn_finished
 loop's own notes ("session_started", "streams_reopened", "error", "session_ended"...). Sample
 indices count 16 kHz microphone samples from the session's start; reply samples are 24 kHz.
 
-Audio is appended as it arrives and flushed at least every `FLUSH_INTERVAL_S`; every log line is
-flushed at once, so a crash or an unplugged device leaves readable files behind.
+Audio is appended as it arrives, and each wav's header is rewritten to count it at least every
+`FLUSH_INTERVAL_S` (1 s; audio/files.py's `WavWriter`); every log line is flushed at once. So a
+crash, a `kill -9` or an unplugged device leaves files that sox, libsndfile and players read: the
+audio up to the last flush (at most a second old) and every log line written. A session too long
+for one wav (4 GiB: about 18 hours of mic, 12 of assistant) goes on in `<stamp>-mic-2.wav`...
 """
 
 from __future__ import annotations
@@ -25,14 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
+from duplex_chat.audio.files import WavWriter
 from duplex_chat.config import DuplexError
 from duplex_chat.model.events import AudioPacket
 from duplex_chat.session import events as ev
-
-FLUSH_INTERVAL_S = 1.0  # audio files are flushed at least this often
 
 
 def snake_case(name: str) -> str:
@@ -68,12 +69,11 @@ class SessionRecorder:
         self.mic_path = self.directory / f"{stamp}-mic.wav"
         self.assistant_path = self.directory / f"{stamp}-assistant.wav"
         self.events_path = self.directory / f"{stamp}-events.jsonl"
-        self._clock = clock
+        self._clock = clock  # the log's timestamps (the wavs flush on their own clock)
         self._t0 = clock()
-        self._mic = sf.SoundFile(self.mic_path, "w", SAMPLE_RATE, 1, subtype="FLOAT")
-        self._assistant = sf.SoundFile(self.assistant_path, "w", OUTPUT_SAMPLE_RATE, 1, subtype="FLOAT")
+        self._mic = WavWriter(self.mic_path, SAMPLE_RATE, subtype="FLOAT")
+        self._assistant = WavWriter(self.assistant_path, OUTPUT_SAMPLE_RATE, subtype="FLOAT")
         self._log = self.events_path.open("a", encoding="utf-8")
-        self._last_flush = self._t0
         self.closed = False
 
     def audio(self, mic_16k: np.ndarray, played_24k: np.ndarray) -> None:
@@ -84,8 +84,6 @@ class SessionRecorder:
             self._mic.write(np.asarray(mic_16k, np.float32))
         if len(played_24k):
             self._assistant.write(np.asarray(played_24k, np.float32))
-        if self._clock() - self._last_flush >= FLUSH_INTERVAL_S:
-            self.flush()
 
     def event(self, event: Any) -> None:
         """Log an engine event (AudioPacket logged without its samples)."""
@@ -156,10 +154,10 @@ class SessionRecorder:
         self._log.flush()
 
     def flush(self) -> None:
+        """Make both wav headers count everything written so far (the log is always flushed)."""
         self._mic.flush()
         self._assistant.flush()
         self._log.flush()
-        self._last_flush = self._clock()
 
     def close(self) -> None:
         """Flush and close everything (idempotent)."""
