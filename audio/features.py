@@ -234,6 +234,18 @@ class StreamingMel:
         self._padding_started = False
         self._finished = False
 
+    def state(self) -> tuple:
+        """The turn so far, for `restore` (a speculative end of turn taken back). Nothing here
+        is changed in place (every update assigns new arrays), so holding the references is a
+        copy."""
+        return (self._n_samples, self._frames_emitted, self._peak, self._head, self._padded,
+                self._offset, self._padding_started, self._finished)
+
+    def restore(self, state: tuple) -> None:
+        """Back to the moment `state()` was taken."""
+        (self._n_samples, self._frames_emitted, self._peak, self._head, self._padded,
+         self._offset, self._padding_started, self._finished) = state
+
     def feed(self, samples: np.ndarray) -> torch.Tensor:
         """Add (n,) float samples at 16 kHz; return the newly final frames, (N_MELS, k) float32."""
         if self._finished:

@@ -112,7 +112,7 @@ class StreamingConversation:
         self.speaker_id = self._speaker_id(self.voice)
         self.system_prompt = check_instructions(self.q.system_prompt)
         self._prompt_stale = False  # the caches hold another system prompt than `system_prompt`
-        generator = torch.Generator(device=self.device)
+        self._generator = generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         self.codec_eos = self.config.talker_config.codec_eos_token_id
         self.thinker_sampler, self.talker_sampler, self.predictor_sampler = stage_samplers(
@@ -169,6 +169,10 @@ class StreamingConversation:
         self.turn_index = 0
         self._open_audio: list[torch.Tensor] = []
         self._turn_open = False
+        self._pending_events: list[Event] = []  # told when the turn's reply starts
+        self._turn_start_thinker = self._turn_start_talker = 0
+        self._listen_seconds = 0.0
+        self._last_audio: _AudioOut | None = None
         self._cancel.clear()
         with self._working():
             self._prefill_text(self._system_ids(), user=False)
@@ -236,10 +240,45 @@ class StreamingConversation:
                 self.vocoder.push(torch.zeros(16, frames, dtype=torch.long, device=self.device))
             self.vocoder.reset()
 
+    # ----- speculative start ------------------------------------------------------------------
+
+    def checkpoint(self) -> "Checkpoint":
+        """The conversation as it stands, to return to with `rollback`: taken before a
+        speculative `end_turn` (the turn may not be over yet). Between commands, on the
+        worker; the open turn is settled first (opened, or re-prefilled under a new system
+        prompt, as its next `feed` or `end_turn` would), so that what follows only appends to
+        the caches and cropping them takes it back."""
+        with self._working():
+            if not self._turn_open:
+                self._open_turn()
+            elif self._prompt_stale:
+                self._reopen_turn()
+        fields = {name: getattr(self, name) for name in _TURN_FIELDS}
+        fields["turns"] = list(self.turns)
+        fields["_open_audio"] = list(self._open_audio)
+        fields["_pending_events"] = list(self._pending_events)
+        return Checkpoint(self.thinker.length, self.talker.length, self.talker.user_length,
+                          self.listener.state(), _rng_states(self._generator), fields)
+
+    def rollback(self, checkpoint: "Checkpoint") -> None:
+        """Back to `checkpoint` exactly, the speculative reply since then taken back: caches
+        and lengths, the listener's and mel extractor's pending audio, the samplers' random
+        state, the history. Close the reply's event iterator first. A conversation that
+        rolled back goes on as if it had never speculated (tests/test_speculation.py)."""
+        self.thinker.crop(checkpoint.thinker_length)
+        self.talker.crop(checkpoint.talker_length)
+        self.talker.user_length = checkpoint.talker_user_length
+        self.listener.restore(checkpoint.listener)
+        self.vocoder.reset()
+        _set_rng_states(self._generator, checkpoint.rng)
+        for name, value in checkpoint.fields.items():
+            setattr(self, name, value)
+        self._cancel.clear()
+
     @property
     def last_codes(self) -> torch.Tensor:
         """(16, frames) codec codes of the latest reply (for tests and inspection)."""
-        codes = self._last_audio.all_codes
+        codes = self._last_audio.all_codes if self._last_audio is not None else []
         return torch.stack(codes, dim=1) if codes else torch.zeros(16, 0, dtype=torch.long)
 
     # ----- listening ---------------------------------------------------------------------------
@@ -522,6 +561,41 @@ class StreamingConversation:
             self._prefill_text(self.tokens.user_tail(), user=True)
             ids = self.tokens.assistant_head() + turn.reply_ids + self.tokens.assistant_tail()
             self._prefill_text(ids, user=False)
+
+
+# What a reply changes besides the caches, the listener and the random state (`checkpoint`).
+_TURN_FIELDS = ("turns", "_closed", "turn_index", "_open_audio", "_turn_open", "_pending_events",
+                "_turn_start_thinker", "_turn_start_talker", "_listen_seconds", "_last_audio",
+                "_heard_samples")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A conversation's state before a speculative reply (`StreamingConversation.checkpoint`)."""
+
+    thinker_length: int
+    talker_length: int
+    talker_user_length: int
+    listener: tuple  # Listener.state()
+    rng: tuple  # the samplers' generator's state and the device's default generator's
+    fields: dict  # _TURN_FIELDS' values (lists copied)
+
+
+def _rng_states(generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The conversation's generator's state and its device's default generator's: the samplers
+    inside CUDA graphs draw from the latter (`Sampler.graph_safe`)."""
+    if generator.device.type == "cuda":
+        return generator.get_state(), torch.cuda.get_rng_state(generator.device)
+    return generator.get_state(), torch.get_rng_state()
+
+
+def _set_rng_states(generator: torch.Generator, states: tuple[torch.Tensor, torch.Tensor]) -> None:
+    own, default = states
+    generator.set_state(own)
+    if generator.device.type == "cuda":
+        torch.cuda.set_rng_state(default, generator.device)
+    else:
+        torch.set_rng_state(default)
 
 
 class _ReplyState:

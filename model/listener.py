@@ -55,6 +55,16 @@ class Listener:
         self.mel.reset()
         self._pending, self._pending_frames, self.mel_frames = [], 0, 0
 
+    def state(self) -> tuple:
+        """The turn so far (the mel extractor's and the frames not yet encoded), for `restore`."""
+        return self.mel.state(), list(self._pending), self._pending_frames, self.mel_frames
+
+    def restore(self, state: tuple) -> None:
+        """Back to the moment `state()` was taken (a speculative `finish` taken back)."""
+        mel, pending, self._pending_frames, self.mel_frames = state
+        self.mel.restore(mel)
+        self._pending = list(pending)
+
     def feed(self, samples: np.ndarray) -> torch.Tensor | None:
         """samples: (n,) float32 at 16 kHz. Returns (tokens, d) for finished windows, or None."""
         self._add(self.mel.feed(samples))
