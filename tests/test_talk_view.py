@@ -9,6 +9,7 @@ import io
 import os
 import re
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,12 +26,15 @@ from .fake_engine import ScriptedConversation
 from .test_session import LevelVad
 
 WIDTH = 100  # the narrowest terminal the live view must fit without wrapping a row
+README = Path(__file__).resolve().parents[1] / "README.md"
+HEADER = ("mic: USB Audio Device @ 48000 Hz, speaker: USB Audio Device @ 48000 Hz, "
+          "echo cancellation on. Ctrl-C ends.")  # as talk's loop writes it
 LOUD = 0.3  # amplitude of a reply that sounds
 SAMPLES_24K_PER_STEP = 240  # 10 ms of speaker audio per loop step
 
 
 def snapshot(view: TalkView, width: int = WIDTH) -> str:
-    console = Console(record=True, width=width, color_system=None)
+    console = Console(file=io.StringIO(), record=True, width=width, color_system=None)
     console.print(view.render())
     return console.export_text()
 
@@ -351,3 +355,62 @@ def test_stage_timings_reach_the_view_as_the_session_sums_them(talk):
     talk.session.on_event(engine(StageTimings(0, total=3120.0)))
     assert row(snapshot(talk.view), "model") == ("first sound made 27 ms after your turn ended; "
                                                   "whole reply made in 3.1 s")
+
+
+# ---- the README's pictures of the view ------------------------------------------------------------
+def say(view: TalkView, duration_s: float, reply: str, latency_ms: float = 702.0) -> None:
+    """One exchange as talk's adapter drives the view: the user's turn, then the reply audible."""
+    view.set_state(TalkState.USER_SPEAKING)
+    view.user_turn(duration_s)
+    view.set_state(TalkState.THINKING)
+    view.reply_started()
+    view.reply_text(reply, 0)
+    view.reply_audible(latency_ms)
+    view.set_output_level(-24.0)
+    view.reply_played(1)
+
+
+def readme_live_scene(view: TalkView) -> None:
+    view.info(HEADER)
+    say(view, 2.3, "Tomorrow in Paris it will be sunny, around twenty degrees.")
+    view.reply_finished()
+    view.set_state(TalkState.LISTENING)
+    say(view, 1.6, "Sure. First, preheat the oven to two hundred degrees.")
+    view.reply_finished(interrupted=True)
+    view.set_heard_text("Sure. First, preheat the oven")
+    view.set_state(TalkState.INTERRUPTED)
+    say(view, 1.1, "Two hundred degrees.")
+    view.set_stages({"first_packet": 27.0, "total": 3120.0})
+    view.set_level(-31.5)
+
+
+def readme_plain_scene(view: TalkView) -> None:
+    """A plain session ended by Ctrl-C mid-reply (talk's loop says "Stopped." first)."""
+    view.info(HEADER)
+    say(view, 1.6, "Sure. First, preheat the oven to two hundred degrees.")
+    view.info("Stopped.")
+    view.reply_finished(interrupted=True, heard_text="Sure. First, preheat the oven",
+                        ending="stopped")
+
+
+def readme_block(after: str) -> str:
+    """The README's first code block after the sentence `after`."""
+    text = README.read_text()
+    start = text.index(after)
+    block = re.search(r"```\n(.*?)```", text[start:], re.DOTALL)
+    assert block, f"no code block after {after!r} in the README"
+    return block.group(1)
+
+
+def test_the_readme_shows_the_live_view_as_it_renders():
+    view = TalkView(Console(file=io.StringIO()), plain=True)
+    readme_live_scene(view)
+    frame = "\n".join(line.rstrip() for line in snapshot(view).splitlines())
+    assert readme_block("Below is the live view").strip() == frame.strip()
+
+
+def test_the_readme_shows_the_plain_lines_as_printed():
+    file = io.StringIO()
+    with TalkView(Console(file=file, width=40), plain=True) as view:
+        readme_plain_scene(view)
+    assert readme_block("With `--plain`").strip() == file.getvalue().strip()
