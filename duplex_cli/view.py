@@ -339,7 +339,8 @@ class NativeStderrLog:
             log_fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         except OSError:
             return self  # no log file: native lines stay on the terminal, as before
-        sys.stderr.flush()
+        if sys.stderr is not None:  # None without a console (pythonw)
+            sys.stderr.flush()
         self._saved_fd = os.dup(2)
         os.dup2(log_fd, 2)
         os.close(log_fd)
@@ -366,7 +367,7 @@ class NativeStderrLog:
         self.lines = _count_lines(self.path)
 
 
-def _writes_to_fd2(stream: TextIO) -> bool:
+def _writes_to_fd2(stream: TextIO | None) -> bool:
     """`stream` is a real file on descriptor 2 (not a test's capture buffer)."""
     try:
         return stream.fileno() == 2
