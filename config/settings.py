@@ -91,6 +91,7 @@ class TurnSettings:
     pause_ms: int = field(metadata=_range(32, 5_000))
     fallback_ms: int = field(metadata=_range(100, 10_000))
     threshold: float = field(metadata=_range(0.0, 1.0))
+    speculate_ms: int = field(metadata=_range(0, 10_000))
 
 
 @dataclass(frozen=True)
@@ -329,6 +330,14 @@ def _check_relations(s: Settings) -> None:
             f"Bad config: turn.fallback_ms ({s.turn.fallback_ms}, from "
             f"{s.sources['turn.fallback_ms']}) must be longer than turn.pause_ms "
             f"({s.turn.pause_ms}, from {s.sources['turn.pause_ms']})."
+        )
+    decided = (("vad.end_of_turn_ms", s.vad.end_of_turn_ms) if s.turn.policy == "silence"
+               else ("turn.fallback_ms", s.turn.fallback_ms))
+    if s.turn.speculate_ms >= decided[1]:
+        raise DuplexError(
+            f"Bad config: turn.speculate_ms ({s.turn.speculate_ms}, from "
+            f"{s.sources['turn.speculate_ms']}) must be shorter than the silence that ends a turn "
+            f"({decided[0]} = {decided[1]}), or 0 for no speculative start."
         )
     if s.qwen.load_in_8bit and s.qwen.quantize != "none":
         raise DuplexError(

@@ -39,8 +39,8 @@ def check_instructions(system_prompt: str) -> str:
 class Conversation(Protocol):
     """One conversation's state, with an explicit lifecycle.
 
-    Threading: `feed`, `end_turn` (iteration), `truncate`, `discard_turn`, `configure` and
-    `reset` run on one worker thread; `cancel` may be called from any thread at any time, and
+    Threading: `feed`, `end_turn` (iteration), `truncate`, `discard_turn`, `checkpoint`,
+    `rollback`, `configure` and `reset` run on one worker thread; `cancel` may be called from any thread at any time, and
     `voices` too.
     """
 
@@ -62,6 +62,14 @@ class Conversation(Protocol):
 
     def discard_turn(self) -> None:
         """Forget audio fed since the last reply (a false start); harmless if nothing was fed."""
+
+    def checkpoint(self) -> object:
+        """The conversation as it stands, before a speculative `end_turn` (a reply started at a
+        pause, before the end of turn is certain). Pass it to `rollback`."""
+
+    def rollback(self, checkpoint: object) -> None:
+        """Take a speculative reply back (its event iterator closed first): the conversation is
+        exactly as at `checkpoint`, and goes on as if it had never speculated."""
 
     def voices(self) -> tuple[str, ...]:
         """The voices the model speaks, as `configure` takes them (case does not matter)."""

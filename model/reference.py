@@ -163,6 +163,21 @@ class StockConversation:
     def discard_turn(self) -> None:
         self._audio = []
 
+    def checkpoint(self) -> tuple:
+        """See `Conversation.checkpoint`: the turn's audio, the history and the global random
+        state generate() samples from."""
+        rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return (list(self._audio), list(self._features), [list(r) for r in self._replies],
+                self._last_reply, self.turn_index, torch.get_rng_state(), rng)
+
+    def rollback(self, checkpoint: tuple) -> None:
+        """See `Conversation.rollback`."""
+        audio, features, replies, self._last_reply, self.turn_index, rng, cuda_rng = checkpoint
+        self._audio, self._features, self._replies = list(audio), list(features), replies
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, self.device)
+
     def cancel(self, heard_samples: int) -> None:
         """generate() cannot be stopped midway; the whole reply stays in the history (`truncate`
         can cut it afterwards)."""

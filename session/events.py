@@ -39,18 +39,45 @@ class UserSpeechEnded:
 
 @dataclass(frozen=True)
 class TurnCommitted:
-    """The user's turn [start_sample, end_sample) is over and the reply `turn` is asked for."""
+    """The user's turn [start_sample, end_sample) is over and the reply `turn` is asked for.
+    `speculated_from`: the reply was started speculatively at that session sample, the turn's
+    audio heard up to there (see SpeculationStarted), and is now played; None: it starts now.
+    `speculation_ms`: that reply's compute time to its first packet, when known by now."""
 
     sample: int
     turn: int
     start_sample: int
     end_sample: int
+    speculated_from: int | None = None
+    speculation_ms: float | None = None
 
     @property
     def duration_s(self) -> float:
         """Seconds of the turn's audio, pre-roll included, up to where the final silence began
         (the end-of-turn silence itself is not counted)."""
         return (self.end_sample - self.start_sample) / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class SpeculationStarted:
+    """At a pause of `turn.speculate_ms` in the user's turn (its silence from `pause_sample`),
+    reply `turn` was started ahead of the decision, unplayed, up to its first audio packet: if
+    the turn ends at this pause it plays at once (TurnCommitted.speculated_from), and if the
+    user goes on it is taken back (SpeculationTakenBack)."""
+
+    sample: int
+    turn: int
+    pause_sample: int
+
+
+@dataclass(frozen=True)
+class SpeculationTakenBack:
+    """The user went on speaking: the speculative reply `turn` was dropped and the conversation
+    rolled back to exactly where it was before it. `compute_ms`: the engine time it wasted."""
+
+    sample: int
+    turn: int
+    compute_ms: float
 
 
 @dataclass(frozen=True)
@@ -157,6 +184,6 @@ class DeviceTrouble:
     details: dict[str, int] = field(default_factory=dict)
 
 
-SessionEvent = (UserSpeechStarted | UserSpeechEnded | TurnCommitted | ReplyStarted | EngineEvent
-                | ReplyAudible | Interrupted | HistoryCut | ReplyFinished | BargeInLapsed
-                | TurnDiscarded | DeviceTrouble)
+SessionEvent = (UserSpeechStarted | UserSpeechEnded | TurnCommitted | SpeculationStarted
+                | SpeculationTakenBack | ReplyStarted | EngineEvent | ReplyAudible | Interrupted
+                | HistoryCut | ReplyFinished | BargeInLapsed | TurnDiscarded | DeviceTrouble)

@@ -8,8 +8,10 @@ were speech, which the barge-in fast path reads. Two policies: `SilencePolicy` (
 at each pause, with a fallback silence). `make_policy` builds the one `turn.policy` names; the
 session calls it, so talk, replay and serve never know which policy runs. A speculative start (ask for
 the reply before the end of turn is certain, take it back if the user goes on) does not fit this
-interface: a policy can confirm an end of turn but never withdraw one, so it needs a new event
-and session support.
+interface's events: a policy confirms an end of turn but never withdraws one. Instead the
+session reads `pause_start` (where the current silence began) and speculates at a pause that
+has lasted `turn.speculate_ms`; the policy's SpeechEnded at that pause confirms it, and a change
+of `pause_start` (the user went on) takes it back.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class TurnPolicy(Protocol):
     @property
     def speech_run(self) -> int:
         """Consecutive VAD windows at or above the speech threshold, up to the last one fed."""
+
+    @property
+    def pause_start(self) -> int | None:
+        """In an open turn, the sample where the current silence began (where the turn would end
+        if it ended now); None while speech goes on or outside a turn. The session starts a
+        speculative reply at such a pause and takes it back when this changes."""
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         """Hear more microphone audio (n,) float32 at 16 kHz; return the turn events it completed."""
@@ -80,6 +88,11 @@ class SilencePolicy:
     def speech_run(self) -> int:
         """See `TurnPolicy.speech_run`."""
         return self.tap.run
+
+    @property
+    def pause_start(self) -> int | None:
+        """See `TurnPolicy.pause_start`."""
+        return self.activity.silence_start
 
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         """See `TurnPolicy.feed`: VoiceActivity's start and end events."""

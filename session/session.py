@@ -49,8 +49,12 @@ from .worker import (
     ReplyDone,
     Progress,
     ReplyGate,
+    Speculate,
+    Speculated,
     Stop,
     Configure,
+    TakeBack,
+    TakenBack,
     Truncate,
     Truncated,
     Worker,
@@ -102,6 +106,16 @@ class _PendingCut:
 
 
 @dataclass
+class _Speculation:
+    """A reply started ahead of the end of turn, at the pause that began at `pause`."""
+
+    turn: int
+    pause: int  # session sample where the pause's silence began
+    since: int  # session sample when it was started (the turn's audio was fed up to here)
+    compute_ms: float | None = None  # the worker's time to the first packet, once reported
+
+
+@dataclass
 class _Speech:
     """Speech the policy confirmed while a reply played, not (yet) a turn."""
 
@@ -109,6 +123,17 @@ class _Speech:
     audio_start: int
     real: bool  # the echo checks call it the user's (always, with no echo path)
     end: int | None = None  # where it ended, if it did before the reply
+
+
+@dataclass
+class SpeculationCounts:
+    """Speculative starts of a session: started, used (their turn ended at that pause and the
+    reply played from it), taken back (the user went on), and the engine time those wasted."""
+
+    started: int = 0
+    used: int = 0
+    taken_back: int = 0
+    wasted_ms: float = 0.0
 
 
 class Session:
@@ -147,6 +172,9 @@ class Session:
         self.barge_onset: int | None = None  # onset of the speech that interrupted
         self.speech: _Speech | None = None  # speech over the reply, not a turn
         self.interrupted_at: int | None = None
+        self.speculate_after = ms_to_samples(settings.turn.speculate_ms) or None  # None: off
+        self.speculation: _Speculation | None = None
+        self.speculations = SpeculationCounts()
         self.closed = False
 
     @property
@@ -279,7 +307,9 @@ class Session:
         self._turn_events(events)
         if run >= BARGE_IN_WINDOWS and self.speech is not None:
             self.speech.real = True  # it got past the echo checks: the user's, not the reply's
-        if self.turn_start is not None and self.pending is None and self.now > self.fed_upto:
+        self._speculate_or_take_back()
+        if (self.turn_start is not None and self.pending is None and self.speculation is None
+                and self.now > self.fed_upto):
             self._feed()
 
     def _turn_events(self, events) -> None:
@@ -328,15 +358,50 @@ class Session:
         if speech.end is not None:
             self._commit(speech.end)
 
+    # ---- speculative start --------------------------------------------------------------
+    def _speculate_or_take_back(self) -> None:
+        """At a pause of `turn.speculate_ms` in the open turn, start its reply unplayed; when
+        the pause is over (the user went on), take it back and feed what was held."""
+        pause = self.policy.pause_start if self.turn_start is not None else None
+        spec = self.speculation
+        if spec is not None:
+            if pause != spec.pause:
+                self._take_back()
+            return
+        if (self.speculate_after is not None and pause is not None and self.pending is None
+                and self.reply is None and self.now - pause >= self.speculate_after):
+            if self.now > self.fed_upto:
+                self._feed()
+            self.speculation = _Speculation(self.turns, pause, self.now)
+            self.speculations.started += 1
+            self.emit(ev.SpeculationStarted(self.now, self.turns, pause))
+            self.worker.submit(Speculate(self.turns))
+
+    def _take_back(self) -> None:
+        """The engine finishes the speculation to its first packet before it rolls back (a
+        cancel could reach a reply still stopping after a barge-in and lose what was heard);
+        the audio since is fed after the rollback, in order."""
+        spec, self.speculation = self.speculation, None
+        self.worker.submit(TakeBack(spec.turn))
+
     def _commit(self, end: int) -> None:
-        """The turn is over: feed what is left of it and ask for the reply."""
+        """The turn is over: feed what is left of it and ask for the reply (a speculative one
+        started at this pause plays as it is: the turn's audio ends where it was started)."""
         if self.pending is not None:  # its report is overdue now: cut with what is known
             self._cut(self.pending.reply, self.pending.estimate(), estimated=True)
-        if self.now > self.fed_upto:
+        spec, self.speculation = self.speculation, None
+        if spec is not None and spec.pause != end:
+            self.speculation = spec
+            self._take_back()
+            spec = None
+        if spec is None and self.now > self.fed_upto:
             self._feed()
+        if spec is not None:
+            self.speculations.used += 1
         self.reply = _Reply(self.gate.begin(self.player), self.turns, end, heard_at=self.now)
         self.barge.reply_started()
-        self.emit(ev.TurnCommitted(self.now, self.turns, self.turn_start, end))
+        self.emit(ev.TurnCommitted(self.now, self.turns, self.turn_start, end,
+                                   spec.since if spec else None, spec.compute_ms if spec else None))
         self.turns += 1
         self.turn_start = None
         self.worker.submit(EndTurn(self.reply.id))
@@ -384,7 +449,14 @@ class Session:
                 return
             if isinstance(out, Failed):
                 raise out.error
-            if isinstance(out, Truncated):
+            if isinstance(out, Speculated):
+                if self.speculation is not None and self.speculation.turn == out.turn:
+                    self.speculation.compute_ms = 1000 * out.compute_s
+            elif isinstance(out, TakenBack):
+                self.speculations.taken_back += 1
+                self.speculations.wasted_ms += 1000 * out.compute_s
+                self.emit(ev.SpeculationTakenBack(self.now, out.turn, 1000 * out.compute_s))
+            elif isinstance(out, Truncated):
                 self.emit(ev.HistoryCut(self.now, out.turn, out.heard_samples, out.text,
                                         out.estimated))
             elif isinstance(out, ReplyDone):

@@ -315,6 +315,11 @@ class SmartTurnPolicy:
         """See `TurnPolicy.speech_run`."""
         return self.tap.run
 
+    @property
+    def pause_start(self) -> int | None:
+        """See `TurnPolicy.pause_start`: the VAD's silence start, whatever the model says."""
+        return self.activity.silence_start
+
     def feed(self, samples: np.ndarray) -> list[VadEvent]:
         """See `TurnPolicy.feed`. Never waits for the model: an answer that is not in yet is
         picked up by a later call."""

@@ -3,9 +3,10 @@
 The clock is the session's (the file's position in 16 kHz samples), never the wall clock, so a
 replay gives the same timeline however busy the machine is. Each reply is generated whole when its
 turn is committed (the session's inline worker), and placed as a live conversation would hear it:
-its first sample `first_packet_s` after the end of turn was detected, then the rest without a
-gap, at real time. That models an engine faster than real time, as on the GPU (real-time factor
-0.08, docs/benchmarks.md). `first_packet_s` defaults to MODELED_FIRST_PACKET_S; None uses the
+its first sample `first_packet_s` after the end of turn was detected (after the reply was
+started, for a speculative start: `speculated_from`), then the rest without a gap, at real
+time. That models an engine faster than real time, as on the GPU (real-time factor 0.08,
+docs/benchmarks.md). `first_packet_s` defaults to MODELED_FIRST_PACKET_S; None uses the
 first packet's compute time as measured on this machine instead (then results vary with load).
 While the reply "plays", the session keeps hearing the file: speech over it barges in, and what
 was heard is the part of the reply before that moment.
@@ -48,12 +49,21 @@ class VirtualPlayer:
         self.ran_out = False  # the input ended: replies play to their end
         self._begun_at = 0  # session sample of begin_reply
         self._begun_wall = 0.0
+        self._speculated: tuple[int, float | None] | None = None  # see `speculated_from`
 
     def begin_reply(self, reply: int) -> None:
         """A new reply: it will sound `first_packet_s` after now (see `write`)."""
         self.reply, self.start, self.samples = reply, None, 0
         self.ended = self.stopped = False
         self._begun_at, self._begun_wall = self.clock(), time.perf_counter()
+        self._speculated = None
+
+    def speculated_from(self, sample: int, compute_s: float | None) -> None:
+        """The reply just begun was started speculatively at session sample `sample`, before
+        its end of turn was decided (TurnCommitted.speculated_from), its first packet computed
+        in `compute_s` on this machine: it sounds `first_packet_s` (measuring: `compute_s`)
+        after that, or as soon as it is begun if that moment has passed."""
+        self._speculated = sample, compute_s
 
     def room_s(self) -> float:
         """Unlimited: the whole reply is placed at once."""
@@ -63,12 +73,21 @@ class VirtualPlayer:
         """Place reply audio (n,) float32 at 24 kHz right after what was written before; the
         first write fixes where the reply starts."""
         if self.start is None:
-            delay = (self.first_packet_s if self.first_packet_s is not None
-                     else time.perf_counter() - self._begun_wall)
-            self.start = _out_sample(self._begun_at) + round(delay * OUTPUT_SAMPLE_RATE)
+            self.start = self._first_sample()
         if self.placement is not None:
             self.placement.place(self.start + self.samples, samples)
         self.samples += len(samples)
+
+    def _first_sample(self) -> int:
+        """The output sample where the reply begun last starts sounding (module docstring)."""
+        if self._speculated is not None:
+            since, compute_s = self._speculated
+            delay = self.first_packet_s if self.first_packet_s is not None else compute_s or 0.0
+            ready = _out_sample(since) + round(delay * OUTPUT_SAMPLE_RATE)
+            return max(_out_sample(self._begun_at), ready)
+        delay = (self.first_packet_s if self.first_packet_s is not None
+                 else time.perf_counter() - self._begun_wall)
+        return _out_sample(self._begun_at) + round(delay * OUTPUT_SAMPLE_RATE)
 
     def end_reply(self) -> None:
         """No more audio: the reply finishes once the clock passes its last sample."""

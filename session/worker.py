@@ -11,11 +11,12 @@ runs each command at once on the caller's thread (replay: results must not depen
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -120,6 +121,22 @@ class EndTurn:
 
 
 @dataclass(frozen=True)
+class Speculate:
+    """End the turn ahead of the decision: checkpoint the conversation, run its reply up to the
+    first audio packet and hold it, unplayed. The next EndTurn plays it from there; a TakeBack
+    drops it and rolls the conversation back (`Conversation.checkpoint` / `rollback`)."""
+
+    turn: int
+
+
+@dataclass(frozen=True)
+class TakeBack:
+    """The user went on speaking: drop the held speculative reply, roll the conversation back."""
+
+    turn: int
+
+
+@dataclass(frozen=True)
 class Truncate:
     """Cut reply `turn` in the history to what was heard (`Conversation.truncate`)."""
 
@@ -142,7 +159,7 @@ class Stop:
     """End the worker."""
 
 
-Command = Feed | EndTurn | Truncate | Configure | Stop
+Command = Feed | EndTurn | Speculate | TakeBack | Truncate | Configure | Stop
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,23 @@ class ReplyDone:
     """The engine has nothing more for the reply of generation `reply`."""
 
     reply: int
+
+
+@dataclass(frozen=True)
+class Speculated:
+    """The speculative reply of `turn` is held at its first packet after `compute_s` seconds
+    (or ended before one)."""
+
+    turn: int
+    compute_s: float
+
+
+@dataclass(frozen=True)
+class TakenBack:
+    """The speculative reply of `turn` was dropped and rolled back; it had cost `compute_s`."""
+
+    turn: int
+    compute_s: float
 
 
 @dataclass(frozen=True)
@@ -177,7 +211,18 @@ class Failed:
     error: BaseException
 
 
-Output = EngineOutput | ReplyDone | Truncated | Failed
+Output = EngineOutput | ReplyDone | Speculated | TakenBack | Truncated | Failed
+
+
+@dataclass
+class _Held:
+    """A speculative reply held at its first packet: the conversation's state before it, the
+    reply's event stream (paused) and the events it has produced so far."""
+
+    checkpoint: object
+    stream: Iterator[Event]
+    events: list[Event]
+    compute_s: float
 
 
 class InlineWorker:
@@ -187,6 +232,7 @@ class InlineWorker:
         self.conversation, self.player, self.gate = conversation, player, gate
         self.outputs: queue.Queue[Output] = queue.Queue()
         self.stopping = threading.Event()
+        self._held: _Held | None = None
 
     def start(self) -> None:
         """Nothing to start: commands run on the caller's thread."""
@@ -201,6 +247,8 @@ class InlineWorker:
     def _execute(self, command: Command) -> bool:
         """Run one command; False once told to stop."""
         if isinstance(command, Stop):
+            if self._held is not None:
+                self._held.stream.close()
             return False
         if isinstance(command, Feed):
             self.conversation.feed(command.samples)
@@ -209,13 +257,40 @@ class InlineWorker:
             self.outputs.put(Truncated(command.turn, command.heard_samples, text, command.estimated))
         elif isinstance(command, EndTurn):
             self._reply(command.reply)
+        elif isinstance(command, Speculate):
+            self._speculate(command.turn)
+        elif isinstance(command, TakeBack):
+            self._take_back(command.turn)
         elif isinstance(command, Configure):
             self.conversation.configure(command.voice, command.system_prompt)
         return True
 
+    def _speculate(self, turn: int) -> None:
+        started = time.perf_counter()
+        checkpoint = self.conversation.checkpoint()
+        stream = self.conversation.end_turn()
+        events = []
+        for event in stream:  # up to the first packet (the engine's share of the wait)
+            events.append(event)
+            if isinstance(event, AudioPacket):
+                break
+        self._held = _Held(checkpoint, stream, events, time.perf_counter() - started)
+        self.outputs.put(Speculated(turn, self._held.compute_s))
+
+    def _take_back(self, turn: int) -> None:
+        held, self._held = self._held, None
+        if held is None:
+            return
+        held.stream.close()
+        self.conversation.rollback(held.checkpoint)
+        self.outputs.put(TakenBack(turn, held.compute_s))
+
     def _reply(self, reply: int) -> None:
+        held, self._held = self._held, None  # a speculative start plays from where it is held
+        events = itertools.chain(held.events, held.stream) if held is not None \
+            else self.conversation.end_turn()
         cancelled = False
-        for event in self.conversation.end_turn():
+        for event in events:
             if isinstance(event, AudioPacket):
                 self._play(event.samples, reply)
             self.outputs.put(EngineOutput(reply, event))

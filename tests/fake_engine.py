@@ -133,6 +133,14 @@ class ScriptedConversation:
         self._fed = 0
         self._log("discard_turn")
 
+    def checkpoint(self) -> tuple:
+        self._log("checkpoint", self._fed)
+        return self._turn, self._fed, self._turn_open, self._last
+
+    def rollback(self, checkpoint: tuple) -> None:
+        self._turn, self._fed, self._turn_open, self._last = checkpoint
+        self._log("rollback", self._fed)
+
     def voices(self) -> tuple[str, ...]:
         return VOICES
 

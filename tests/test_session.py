@@ -50,8 +50,10 @@ class Harness:
 
     def __init__(self, threaded: bool = False, player_class=VirtualPlayer, echo=None, realtime_factor=0.0,
                  reply_s: float = REPLY_S, environ: dict | None = None, vad=LevelVad,
-                 conversation_class=ScriptedConversation):
-        settings = load_settings(environ=environ or {})
+                 conversation_class=ScriptedConversation, speculate_ms: int = 0):
+        # speculative starts off unless asked for: these tests count feeds to the decision
+        settings = load_settings(environ=environ or {},
+                                 overrides={"turn.speculate_ms": speculate_ms})
         self.conversation = conversation_class([Reply(chirp(reply_s), WORDS)], first_packet_s=0.0,
                                                realtime_factor=realtime_factor)
         self.events: list = []

@@ -77,9 +77,9 @@ def test_a_speculation_before_any_audio_is_taken_back_too(tiny_bundle, tiny_chec
     assert_same_reply(conv, turn)
 
 
-def _sampled_turns(bundle, checkpoint, speculate: bool, decoder: str) -> list:
+def _sampled_turns(bundle, checkpoint, speculate: bool, decoder: str, **qwen) -> list:
     settings = tiny_settings(checkpoint, greedy=False, encoder_window_s=1.0, decoder=decoder,
-                             max_reply_tokens=10, max_reply_seconds=14 / 12.5)
+                             max_reply_tokens=10, max_reply_seconds=14 / 12.5, **qwen)
     conv = StreamingConversation(bundle, settings, seed=5)
     results = []
     for seconds, seed in [(2.1, 11), (1.6, 12)]:
@@ -96,7 +96,7 @@ def _sampled_turns(bundle, checkpoint, speculate: bool, decoder: str) -> list:
                 ids.extend(event.token_ids)
             elif isinstance(event, AudioPacket):
                 packets.append(event.samples)
-        results.append((ids, conv.last_codes.clone(), np.concatenate(packets)))
+        results.append((ids, conv.last_codes.cpu().clone(), np.concatenate(packets)))
     return results
 
 
@@ -107,6 +107,23 @@ def test_with_sampling_a_rolled_back_speculation_changes_nothing(tiny_bundle, ti
     the same seed gives the same replies, bit for bit, with and without speculating."""
     plain = _sampled_turns(tiny_bundle, tiny_checkpoint, speculate=False, decoder=decoder)
     speculated = _sampled_turns(tiny_bundle, tiny_checkpoint, speculate=True, decoder=decoder)
+    for (ids, codes, wave), (ids2, codes2, wave2) in zip(plain, speculated):
+        assert ids == ids2
+        assert torch.equal(codes, codes2)
+        assert np.array_equal(wave, wave2)
+
+
+@pytest.mark.gpu
+def test_on_the_gpu_the_graphs_random_draws_are_taken_back_too(tiny_checkpoint):
+    """Inside CUDA graphs the samplers draw from the device's default generator: a sampled
+    conversation with rolled-back speculations equals one without, bit for bit."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from duplex_chat.model.loading import load_model
+
+    bundle = load_model(tiny_settings(tiny_checkpoint, device_map="cuda").qwen)
+    plain = _sampled_turns(bundle, tiny_checkpoint, False, "fast", device_map="cuda")
+    speculated = _sampled_turns(bundle, tiny_checkpoint, True, "fast", device_map="cuda")
     for (ids, codes, wave), (ids2, codes2, wave2) in zip(plain, speculated):
         assert ids == ids2
         assert torch.equal(codes, codes2)
