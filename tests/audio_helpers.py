@@ -22,13 +22,16 @@ ENERGY_FRAME_S = 0.010  # seconds per frame when measuring where speech is
 ENERGY_FLOOR_DB = -40.0  # frames this far below the loudest frame count as silence
 
 
-def espeak_speech(text: str, rate: int = 16_000) -> np.ndarray:
-    """espeak-ng saying `text`, as mono float32 of shape (n,) at `rate` Hz."""
+def espeak_speech(text: str, rate: int = 16_000, voice: str | None = None,
+                  wpm: int | None = None) -> np.ndarray:
+    """espeak-ng saying `text` (in `voice` at `wpm` words a minute, if given), as mono float32 of
+    shape (n,) at `rate` Hz."""
     if ESPEAK is None:
         pytest.skip("espeak-ng is not installed")
+    options = (["-v", voice] if voice else []) + (["-s", str(wpm)] if wpm else [])
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "speech.wav"
-        subprocess.run([ESPEAK, "-w", str(raw), text], check=True, capture_output=True)
+        subprocess.run([ESPEAK, *options, "-w", str(raw), text], check=True, capture_output=True)
         samples, native_rate = sf.read(str(raw), dtype="float32")
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
