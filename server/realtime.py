@@ -83,6 +83,7 @@ class ManualPolicy:
     heard one user turn (SpeechStarted at their first sample, SpeechEnded after the last)."""
 
     speech_run = 0  # never a barge-in from the microphone: the client cancels
+    pause_start = None  # the client ends turns: no pause to start a reply at speculatively
 
     def __init__(self, position: int = 0):
         self.position = position  # session samples heard so far
@@ -105,6 +106,9 @@ class ManualPolicy:
 
     def finish(self) -> list[VadEvent]:
         return []
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class RealtimePlayer:
