@@ -460,6 +460,39 @@ def check_vad() -> list[Row]:
     return [Row("audio", "voice activity", OK, "Silero VAD loads")]
 
 
+SMART_TURN_SLOW_MS = 250  # a Smart Turn call slower than this makes its decisions noticeably late
+
+
+def check_turn(settings: Settings) -> list[Row]:
+    """The turn policy in use; for `smart`, that its model loads and what a call costs here."""
+    import time
+
+    turn, vad = settings.turn, settings.vad
+    speculate = (f"; replies start speculatively after {turn.speculate_ms} ms of pause"
+                 if turn.speculate_ms else "")
+    if turn.policy != "smart":
+        return [Row("audio", "turn policy", OK,
+                    f"silence: {vad.end_of_turn_ms} ms of silence ends a turn{speculate}")]
+    import numpy as np
+
+    from duplex_chat.session.smart_turn import WINDOW_SAMPLES, SmartTurnModel
+
+    model = SmartTurnModel()
+    quiet = np.zeros(WINDOW_SAMPLES, np.float32)
+    model.prob(quiet)  # the first call sets up onnxruntime's kernels
+    started = time.perf_counter()
+    model.prob(quiet)
+    call_ms = 1000 * (time.perf_counter() - started)
+    detail = (f"smart: Smart Turn v3.2 loads, {call_ms:.0f} ms a call on this CPU; asked after "
+              f"{turn.pause_ms} ms of pause, {turn.fallback_ms} ms of silence always ends a "
+              f"turn{speculate}")
+    if call_ms > SMART_TURN_SLOW_MS:
+        return [Row("audio", "turn policy", WARN, detail,
+                    "Its decisions come late on this CPU; turn.policy = silence waits a fixed "
+                    f"{vad.end_of_turn_ms} ms instead.")]
+    return [Row("audio", "turn policy", OK, detail)]
+
+
 # ----------------------------------------------------------------------------------- the report
 
 
@@ -475,6 +508,7 @@ def collect_rows(settings: Settings, gpu: GpuState | None = None) -> list[Row]:
         ("audio", "audio", lambda: check_audio(settings)),
         ("audio", "echo cancellation", lambda: check_echo(settings)),
         ("audio", "voice activity", check_vad),
+        ("audio", "turn policy", lambda: check_turn(settings)),
     ]
     for section, name, step in steps:
         rows += _guarded(rows, section, name, step) or []

@@ -584,3 +584,31 @@ def test_check_and_loading_judge_a_directory_by_one_rule(tmp_path, breakage):
     with pytest.raises(DuplexError) as refused:
         resolve_checkpoint(str(tmp_path))
     assert not status.present and status.detail == str(refused.value)
+
+
+def test_the_turn_policy_row_says_what_ends_a_turn():
+    (row,) = check.check_turn(load_settings(overrides={"turn.speculate_ms": 160}, environ={}))
+    assert row.status == check.OK
+    assert "600 ms of silence ends a turn" in row.detail and "after 160 ms of pause" in row.detail
+
+
+def test_the_smart_policy_row_loads_the_model_and_times_a_call(monkeypatch):
+    settings = load_settings(overrides={"turn.policy": "smart"}, environ={})
+    (row,) = check.check_turn(settings)
+    assert row.status in (check.OK, check.WARN)  # WARN only on a CPU slower than 250 ms a call
+    assert "Smart Turn v3.2 loads" in row.detail and "ms a call on this CPU" in row.detail
+    monkeypatch.setattr(check, "SMART_TURN_SLOW_MS", 0)
+    (slow,) = check.check_turn(settings)
+    assert slow.status == check.WARN and "turn.policy = silence" in slow.fix
+
+
+def test_a_damaged_smart_turn_model_is_a_failed_row(monkeypatch, tmp_path):
+    from duplex_chat.session import smart_turn
+
+    damaged = tmp_path / smart_turn.MODEL_FILE
+    damaged.write_bytes(b"not a model")
+    monkeypatch.setattr(smart_turn, "model_path", lambda: damaged)
+    rows = check.collect_rows(load_settings(overrides={"turn.policy": "smart"}, environ={}),
+                              check.GpuState(cuda=False))
+    (row,) = [r for r in rows if r.name == "turn policy"]
+    assert row.status == check.FAIL and "damaged" in row.detail and "Reinstall" in row.fix
