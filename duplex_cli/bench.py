@@ -170,6 +170,13 @@ def render(console: Console, report: dict) -> None:
         console.print(f"GPU memory: weights {memory['weights']:.2f} GiB, at most "
                       f"{memory['allocated_peak']:.2f} GiB allocated and "
                       f"{memory['reserved_peak']:.2f} GiB reserved by torch")
+    speculation = report["engine"].get("speculation_median")
+    if speculation:
+        console.print(
+            f"speculative start: the engine's {speculation['speculation_ms']:.0f} ms to a first "
+            f"packet done during the pause; first audio "
+            f"{speculation['first_audio_after_decision_ms']:.1f} ms after the turn is decided; a "
+            f"take-back costs {speculation['take_back_ms']:.0f} ms")
     stages = report["engine"].get("stages_median", {})
     marks = [f"{k} {stages[k]:.0f} ms" for k in ("encode_tail", "prefill", "first_token",
                                                   "first_frame", "first_packet") if k in stages]

@@ -176,6 +176,36 @@ def run_turn(conversation, audio: np.ndarray, chunk: int) -> TurnResult:
                       tokens)
 
 
+SPECULATED_TURNS = 3  # extra turns `engine_benchmark` runs with a speculative start
+
+
+def speculated_turn(conversation, audio: np.ndarray, chunk: int) -> dict[str, float]:
+    """Stream `audio` in, then what a speculative start does at a pause (model/speculation.py):
+    one speculation taken back, a second held and played once "the turn is decided". Returns,
+    in ms: the engine's share the speculation hides (to its first packet), what a take-back
+    costs (its compute and the rollback), and the decision -> first audio packet (what a user
+    waits for beyond the turn decision)."""
+    from .speculation import Speculation
+
+    device = conversation.device
+    for start in range(0, audio.shape[0], chunk):
+        conversation.feed(audio[start:start + chunk])
+    _sync(device)
+    began = time.perf_counter()
+    Speculation(conversation).take_back()
+    _sync(device)
+    take_back_ms = 1000 * (time.perf_counter() - began)
+    held = Speculation(conversation)
+    _sync(device)
+    decided = time.perf_counter()
+    first_audio_ms = float("nan")
+    for event in held.events():
+        if isinstance(event, AudioPacket) and first_audio_ms != first_audio_ms:
+            first_audio_ms = 1000 * (time.perf_counter() - decided)
+    return {"speculation_ms": 1000 * held.compute_s, "take_back_ms": take_back_ms,
+            "first_audio_after_decision_ms": first_audio_ms}
+
+
 def _sync(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -209,21 +239,27 @@ def _p90(values: list[float]) -> float:
 
 def engine_benchmark(bundle: ModelBundle, settings: Settings, turns: int, warmup: int,
                      user_s: float) -> tuple[dict, list[TurnResult]]:
-    """A conversation of `warmup + turns` turns of `user_s` seconds each; the last `turns` count."""
+    """A conversation of `warmup + turns` turns of `user_s` seconds each; the last `turns` count.
+    Then SPECULATED_TURNS turns with a speculative start (`speculated_turn`), their medians in
+    the summary's "speculation_median"."""
     from .engine import StreamingConversation
 
     conversation = StreamingConversation(bundle, settings, seed=0)
     results = []
+    chunk = frames_to_samples(settings.audio.frames_per_chunk)
     for i in range(warmup + turns):
         if i == warmup and bundle.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(bundle.device)
-        chunk = frames_to_samples(settings.audio.frames_per_chunk)
         result = run_turn(conversation, synthetic_voice(user_s, seed=i), chunk)
         if i >= warmup:
             results.append(result)
     summary = summarize(results)
     if bundle.device.type == "cuda":
         summary["memory_gib"] = memory_breakdown(bundle)
+    speculated = [speculated_turn(conversation, synthetic_voice(user_s, seed=100 + i), chunk)
+                  for i in range(SPECULATED_TURNS)]
+    summary["speculation_median"] = {k: statistics.median(t[k] for t in speculated)
+                                     for k in speculated[0]}
     return summary, results
 
 

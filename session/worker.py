@@ -11,18 +11,18 @@ runs each command at once on the caller's thread (replay: results must not depen
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from duplex_chat.audio.constants import OUTPUT_SAMPLE_RATE
 from duplex_chat.model.events import AudioPacket, Event
 from duplex_chat.model.protocol import Conversation
+from duplex_chat.model.speculation import Speculation
 
 OUTPUT_WAIT_S = 0.01  # worker's wait when the player has no room
 
@@ -214,16 +214,6 @@ class Failed:
 Output = EngineOutput | ReplyDone | Speculated | TakenBack | Truncated | Failed
 
 
-@dataclass
-class _Held:
-    """A speculative reply held at its first packet: the conversation's state before it, the
-    reply's event stream (paused) and the events it has produced so far."""
-
-    checkpoint: object
-    stream: Iterator[Event]
-    events: list[Event]
-    compute_s: float
-
 
 class InlineWorker:
     """Runs each command at once on the caller's thread; outputs wait in `outputs`."""
@@ -232,7 +222,7 @@ class InlineWorker:
         self.conversation, self.player, self.gate = conversation, player, gate
         self.outputs: queue.Queue[Output] = queue.Queue()
         self.stopping = threading.Event()
-        self._held: _Held | None = None
+        self._held: Speculation | None = None
 
     def start(self) -> None:
         """Nothing to start: commands run on the caller's thread."""
@@ -248,7 +238,7 @@ class InlineWorker:
         """Run one command; False once told to stop."""
         if isinstance(command, Stop):
             if self._held is not None:
-                self._held.stream.close()
+                self._held.close()
             return False
         if isinstance(command, Feed):
             self.conversation.feed(command.samples)
@@ -266,29 +256,19 @@ class InlineWorker:
         return True
 
     def _speculate(self, turn: int) -> None:
-        started = time.perf_counter()
-        checkpoint = self.conversation.checkpoint()
-        stream = self.conversation.end_turn()
-        events = []
-        for event in stream:  # up to the first packet (the engine's share of the wait)
-            events.append(event)
-            if isinstance(event, AudioPacket):
-                break
-        self._held = _Held(checkpoint, stream, events, time.perf_counter() - started)
+        self._held = Speculation(self.conversation)
         self.outputs.put(Speculated(turn, self._held.compute_s))
 
     def _take_back(self, turn: int) -> None:
         held, self._held = self._held, None
         if held is None:
             return
-        held.stream.close()
-        self.conversation.rollback(held.checkpoint)
+        held.take_back()
         self.outputs.put(TakenBack(turn, held.compute_s))
 
     def _reply(self, reply: int) -> None:
         held, self._held = self._held, None  # a speculative start plays from where it is held
-        events = itertools.chain(held.events, held.stream) if held is not None \
-            else self.conversation.end_turn()
+        events = held.events() if held is not None else self.conversation.end_turn()
         cancelled = False
         for event in events:
             if isinstance(event, AudioPacket):

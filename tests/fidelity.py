@@ -187,12 +187,14 @@ class Judge:
         self.conv.thinker_sampler, self.conv.talker_sampler, self.conv.predictor_sampler = self._saved
 
 
-def run_turn(conv, audio, chunk, cancel_after_packets=None, heard=0):
-    """Feed `audio` in `chunk`-sample pieces, end the turn; returns (ids, waveform, events)."""
+def run_turn(conv, audio, chunk, cancel_after_packets=None, heard=0, events=None):
+    """Feed `audio` in `chunk`-sample pieces, end the turn; returns (ids, waveform, events).
+    `events`: the reply's events when the turn was already ended (a speculation held)."""
     for start in range(0, len(audio), chunk):
         conv.feed(audio[start:start + chunk])
+    reply = conv.end_turn() if events is None else events
     ids, packets, events = [], [], []
-    for event in conv.end_turn():
+    for event in reply:
         events.append(event)
         if isinstance(event, TextDelta):
             ids.extend(event.token_ids)

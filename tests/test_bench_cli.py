@@ -49,3 +49,23 @@ def test_report_without_optional_sections_renders():
     assert rows["peak GPU memory over the conversation (GiB)"][1:] == [
         "n/a", "—", "≤ 72", "not measured"]
     assert [cells[-1] for cells in rows.values()].count("met") == 4
+
+
+def test_the_bench_measures_a_speculative_start(tiny_bundle, tiny_checkpoint):
+    """On the tiny model (CPU): the speculated turns' medians are in the report and rendered; a
+    speculation already holds its first packet, so the first audio follows the decision at once."""
+    from duplex_chat.model import bench
+
+    from .conftest import tiny_settings
+
+    settings = tiny_settings(tiny_checkpoint, max_reply_tokens=10, max_reply_seconds=14 / 12.5)
+    summary, _ = bench.engine_benchmark(tiny_bundle, settings, turns=1, warmup=0, user_s=1.5)
+    spec = summary["speculation_median"]
+    assert set(spec) == {"speculation_ms", "take_back_ms", "first_audio_after_decision_ms"}
+    assert spec["speculation_ms"] > 0 and spec["take_back_ms"] >= spec["speculation_ms"] * 0.5
+    assert 0 <= spec["first_audio_after_decision_ms"] < spec["speculation_ms"]
+    report = {"gpu": "cpu", "dtype": "float32", "torch": "x", "transformers": "y",
+              "engine": summary}
+    console = Console(width=140, record=True, file=open(os.devnull, "w"))
+    render(console, report)
+    assert "speculative start: the engine's" in console.export_text()

@@ -16,9 +16,18 @@ import torch
 
 from duplex_chat.model.engine import StreamingConversation
 from duplex_chat.model.events import AudioPacket, TextDelta, TurnStarted
+from duplex_chat.model.speculation import Speculation
 
 from .conftest import tiny_settings
-from .fidelity import assert_same_reply, judged_turn, mel_of, user_audio
+from .fidelity import (
+    Compared,
+    assert_same_reply,
+    judged_turn,
+    mel_of,
+    reference,
+    run_turn,
+    user_audio,
+)
 from .test_engine_fidelity import make_conversation
 
 CHUNK = 4000  # 250 ms pieces, as the fidelity tests feed
@@ -32,16 +41,9 @@ def feed(conv, audio: np.ndarray, chunk: int = CHUNK) -> None:
 def speculate_and_roll_back(conv) -> list:
     """End the turn speculatively, run the reply to its first audio packet, take it all back.
     Returns the events the speculation produced."""
-    checkpoint = conv.checkpoint()
-    events = []
-    reply = conv.end_turn()
-    for event in reply:
-        events.append(event)
-        if isinstance(event, AudioPacket):
-            break
-    reply.close()
-    conv.rollback(checkpoint)
-    return events
+    speculation = Speculation(conv)
+    speculation.take_back()
+    return speculation.held
 
 
 @pytest.mark.parametrize("decoder", ["eager", "fast"])
@@ -75,6 +77,24 @@ def test_a_speculation_before_any_audio_is_taken_back_too(tiny_bundle, tiny_chec
     audio = user_audio(1.5, 7)
     turn = judged_turn(conv, settings, audio, [], [])
     assert_same_reply(conv, turn)
+
+
+def test_a_speculation_used_plays_the_reply_generate_would(tiny_bundle, tiny_checkpoint):
+    """Taken back once, then held at the turn's real end and played from there: the reply is
+    generate()'s, its first packet among the held events."""
+    conv, settings = make_conversation(tiny_bundle, tiny_checkpoint, 1.0)
+    audio = user_audio(2.2, 9)
+    feed(conv, audio[:20000])
+    speculate_and_roll_back(conv)
+    feed(conv, audio[20000:])
+    speculation = Speculation(conv)
+    assert isinstance(speculation.held[-1], AudioPacket)
+    # Judged as a whole (the held steps were sampled before a Judge could stand in):
+    ref = reference(conv.bundle, settings, [mel_of(audio)], [], conv.max_frames)
+    ids, wave, events = run_turn(conv, audio[:0], CHUNK, events=speculation.events())
+    assert_same_reply(conv, Compared(ids, wave, events, ref, []))
+    with pytest.raises(RuntimeError, match="once"):
+        speculation.take_back()
 
 
 def _sampled_turns(bundle, checkpoint, speculate: bool, decoder: str, **qwen) -> list:
