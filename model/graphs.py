@@ -16,7 +16,10 @@ class CapturedCall:
     kernel: no host-to-device copy, which would wait for the GPU); the outputs are static
     tensors overwritten by the next replay (copy what must outlive it). Warm-up runs
     (compilation, allocator) happen on a side stream first, as capture requires; the tensors in
-    `preserve`, which fn updates in place, get their values back after them.
+    `preserve`, which fn updates in place, get their values back after them, and so does the
+    device's random generator (samplers inside graphs draw from it): capturing a graph draws
+    no random numbers, so a graph captured lazily in the middle of a reply, or of a speculative
+    start that is later taken back, does not shift the replies' draws.
     """
 
     def __init__(self, fn, example: tuple[torch.Tensor, ...], pool=None, warmup: int = 2,
@@ -25,6 +28,7 @@ class CapturedCall:
         saved = [t.clone() for t in preserve]
         # `device`: the GPU the work runs on, when it may not be the current one
         with torch.cuda.device(device) if device is not None else contextlib.nullcontext():
+            rng = torch.cuda.get_rng_state()
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):  # warm-up: compilation, lazy inits, workspaces
@@ -33,9 +37,11 @@ class CapturedCall:
             torch.cuda.current_stream().wait_stream(stream)
             for tensor, value in zip(preserve, saved):
                 tensor.copy_(value)
+            torch.cuda.set_rng_state(rng)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=pool):
                 self.outputs = fn(*self.inputs)
+            torch.cuda.set_rng_state(rng)
 
     def __call__(self, *args: torch.Tensor):
         for static, value in zip(self.inputs, args):

@@ -61,6 +61,8 @@ from .worker import (
 )
 
 INTERRUPTED_TIMEOUT_S = 1.5  # after a barge-in with no turn, listen again (BargeInLapsed)
+HELD_MARGIN_S = 1.0  # a speculation is taken back this long before History would drop audio
+# it holds back from the conversation (in a pause longer than HISTORY_S less this)
 HEARD_TIMEOUT_S = 1.0  # how long a late "heard" report is waited for before the last one counts
 WORKER_JOIN_TIMEOUT_S = 5.0  # how long `close` waits for the model to stop
 
@@ -112,6 +114,7 @@ class _Speculation:
     turn: int
     pause: int  # session sample where the pause's silence began
     since: int  # session sample when it was started (the turn's audio was fed up to here)
+    key: int  # which speculation of the session (its worker reports name it)
     compute_ms: float | None = None  # the worker's time to the first packet, once reported
 
 
@@ -295,6 +298,9 @@ class Session:
         if system_prompt is not None:
             system_prompt = check_instructions(system_prompt)
         if not self.closed:
+            if self.speculation is not None:  # started under the old ones: start it again
+                self._take_back()
+                self._feed_held()
             self.worker.submit(Configure(voice, system_prompt))
 
     # ---- one window's worth of audio ------------------------------------------------------
@@ -365,24 +371,29 @@ class Session:
         pause = self.policy.pause_start if self.turn_start is not None else None
         spec = self.speculation
         if spec is not None:
-            if pause != spec.pause:
+            # the user went on; or the pause outlasts what History keeps of the held audio
+            if pause != spec.pause or self.now - spec.since >= self.history.capacity - HELD_MARGIN_S * SAMPLE_RATE:
                 self._take_back()
             return
         if (self.speculate_after is not None and pause is not None and self.pending is None
                 and self.reply is None and self.now - pause >= self.speculate_after):
             if self.now > self.fed_upto:
                 self._feed()
-            self.speculation = _Speculation(self.turns, pause, self.now)
             self.speculations.started += 1
+            self.speculation = _Speculation(self.turns, pause, self.now, self.speculations.started)
             self.emit(ev.SpeculationStarted(self.now, self.turns, pause))
-            self.worker.submit(Speculate(self.turns))
+            self.worker.submit(Speculate(self.turns, self.speculation.key))
 
     def _take_back(self) -> None:
         """The engine finishes the speculation to its first packet before it rolls back (a
         cancel could reach a reply still stopping after a barge-in and lose what was heard);
-        the audio since is fed after the rollback, in order."""
+        the audio since is fed after the rollback, in order (`_feed_held`, or the next step)."""
         spec, self.speculation = self.speculation, None
         self.worker.submit(TakeBack(spec.turn))
+
+    def _feed_held(self) -> None:
+        if self.turn_start is not None and self.pending is None and self.now > self.fed_upto:
+            self._feed()
 
     def _commit(self, end: int) -> None:
         """The turn is over: feed what is left of it and ask for the reply (a speculative one
@@ -450,7 +461,7 @@ class Session:
             if isinstance(out, Failed):
                 raise out.error
             if isinstance(out, Speculated):
-                if self.speculation is not None and self.speculation.turn == out.turn:
+                if self.speculation is not None and self.speculation.key == out.key:
                     self.speculation.compute_ms = 1000 * out.compute_s
             elif isinstance(out, TakenBack):
                 self.speculations.taken_back += 1

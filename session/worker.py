@@ -127,6 +127,7 @@ class Speculate:
     drops it and rolls the conversation back (`Conversation.checkpoint` / `rollback`)."""
 
     turn: int
+    key: int  # the session's number for this speculation
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,11 @@ class ReplyDone:
 
 @dataclass(frozen=True)
 class Speculated:
-    """The speculative reply of `turn` is held at its first packet after `compute_s` seconds
-    (or ended before one)."""
+    """Speculation `key` (of reply `turn`) is held at its first packet after `compute_s`
+    seconds (or ended before one)."""
 
     turn: int
+    key: int
     compute_s: float
 
 
@@ -248,16 +250,16 @@ class InlineWorker:
         elif isinstance(command, EndTurn):
             self._reply(command.reply)
         elif isinstance(command, Speculate):
-            self._speculate(command.turn)
+            self._speculate(command.turn, command.key)
         elif isinstance(command, TakeBack):
             self._take_back(command.turn)
         elif isinstance(command, Configure):
             self.conversation.configure(command.voice, command.system_prompt)
         return True
 
-    def _speculate(self, turn: int) -> None:
+    def _speculate(self, turn: int, key: int) -> None:
         self._held = Speculation(self.conversation)
-        self.outputs.put(Speculated(turn, self._held.compute_s))
+        self.outputs.put(Speculated(turn, key, self._held.compute_s))
 
     def _take_back(self, turn: int) -> None:
         held, self._held = self._held, None

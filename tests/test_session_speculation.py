@@ -145,3 +145,32 @@ def test_a_speculate_ms_at_or_past_the_decision_is_one_clear_error():
     with pytest.raises(DuplexError, match="turn.speculate_ms .* must be shorter"):
         load_settings(overrides={"turn.speculate_ms": 600}, environ={})
     assert load_settings(overrides={"turn.speculate_ms": 0}, environ={}).turn.speculate_ms == 0
+
+
+def test_a_pause_longer_than_the_history_loses_no_audio():
+    """With a deciding silence near its 10 s maximum, a speculation is taken back before the
+    session's History (8 s) would drop audio it holds back, and started again: the turn fed to
+    the conversation is the same as without speculating, up to the last speculation."""
+    env = {"SCA_VAD_END_OF_TURN_MS": "9800"}
+    h = SpeculatingHarness(environ=env)
+    h.hear(silence(0.5), speech(1.0), silence(9.0), speech(1.0, seed=1), silence(10.5))
+    (committed,) = h.of(ev.TurnCommitted)
+    last = h.of(ev.SpeculationStarted)[-1]
+    assert committed.speculated_from == last.sample
+    # every sample of the turn up to the last speculation was fed, once
+    assert _fed(h) == last.sample - committed.start_sample
+    assert len(h.of(ev.SpeculationTakenBack)) >= 2  # the long pause restarted it at least once
+
+
+def test_a_new_voice_or_prompt_while_a_speculation_is_held_restarts_it():
+    """The held reply was started under the old settings: it is taken back, the held audio fed,
+    the change applied, and the turn speculated again under the new ones."""
+    h = SpeculatingHarness()
+    h.hear(silence(0.5), speech(1.0), silence(0.3))
+    assert len(h.of(ev.SpeculationStarted)) == 1
+    h.session.configure(voice="Chelsie")
+    h.hear(silence(1.0))
+    (committed,) = h.of(ev.TurnCommitted)
+    names = [name for _, name, _ in h.conversation.calls if name != "feed"]
+    assert names == ["checkpoint", "end_turn", "rollback", "configure", "checkpoint", "end_turn"]
+    assert committed.speculated_from == h.of(ev.SpeculationStarted)[-1].sample
