@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import signal
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +25,9 @@ from duplex_chat.cli.app import app
 from duplex_chat.session import MODELED_FIRST_PACKET_S
 
 from .audio_helpers import requires_espeak, sentences_with_pauses
+from .terminal_screen import Screen
 from .test_bad_input import CLI
+from .test_wav_writer import SOX, declared_samples, sox_samples
 
 pytestmark = requires_espeak
 
@@ -85,9 +91,9 @@ def test_json_has_two_turns_with_stages(json_run, two_sentences):
     assert events[-1]["event"] == "summary" and events[-1]["turns"] == 2
     for turn, (true_start, true_end) in zip(started, edges):
         assert turn["start_s"] < true_start  # pre-roll keeps the onset
-        assert abs(turn["end_s"] - true_end) < EDGE_TOLERANCE_S
+        assert abs(turn["end_of_speech_s"] - true_end) < EDGE_TOLERANCE_S
         # The turn is known to be over end_of_turn_ms (600) + at most one chunk later.
-        assert 0.5 <= turn["detected_s"] - turn["end_s"] <= 1.3
+        assert 0.5 <= turn["turn_decided_s"] - turn["end_of_speech_s"] <= 1.3
     for turn in finished:
         assert turn["text"].strip(), "the capped reply has tokens"
         assert set(STAGES) <= set(turn["stages"])
@@ -99,13 +105,23 @@ def test_json_has_two_turns_with_stages(json_run, two_sentences):
 
 def test_reply_starts_right_after_the_turn(json_run):
     """On replay's virtual clock a reply sounds the modelled first-packet time after its end of
-    turn was detected, however long this machine took to compute it."""
+    turn was decided, however long this machine took to compute it. No reply queued here, so
+    both latencies are the same: the decision plus the first packet."""
     events, _ = json_run
     started = [e for e in events if e["event"] == "turn_started"]
     for turn, done in zip(started, finished_turns(events)):
-        wait = done["reply_start_s"] - turn["detected_s"]
-        assert wait == pytest.approx(MODELED_FIRST_PACKET_S, abs=1 / OUT_RATE)
-        assert done["latency_s"] == pytest.approx(done["reply_start_s"] - turn["end_s"])
+        for key in ("end_of_speech_s", "turn_decided_s", "reply_requested_s"):
+            assert done[key] == turn[key]
+        assert done["reply_requested_s"] == done["turn_decided_s"]
+        packet = done["first_packet_ready_s"] - done["reply_requested_s"]
+        assert packet == pytest.approx(MODELED_FIRST_PACKET_S, abs=1 / OUT_RATE)
+        # The 24 kHz start, seen on the 16 kHz clock: the next input sample at or after it.
+        assert 0 <= done["reply_start_s"] - done["first_packet_ready_s"] < 1 / RATE
+        decided = done["turn_decided_s"] - done["end_of_speech_s"]
+        assert done["ready_latency_s"] == pytest.approx(decided + packet, abs=1e-6)
+        heard = done["reply_start_s"] - done["end_of_speech_s"]
+        assert done["heard_latency_s"] == pytest.approx(heard, abs=1e-6)
+        assert done["first_packet_timing"] == "modelled"
         assert done["interrupted_s"] is None  # the pauses are longer than the capped replies
 
 
@@ -125,7 +141,7 @@ def test_out_wav_is_input_left_and_replies_right(json_run, two_sentences):
     # in PCM16, hence "non-zero" rather than a level.)
     turns = finished_turns(events)
     starts = [round(t["reply_start_s"] * OUT_RATE) for t in turns]
-    assert starts[0] > round(events[0]["detected_s"] * OUT_RATE)
+    assert starts[0] > round(events[0]["turn_decided_s"] * OUT_RATE)
     assert not np.any(right[:starts[0]])
     for start in starts:
         assert np.any(right[start:start + ONSET_SAMPLES])
@@ -134,7 +150,7 @@ def test_out_wav_is_input_left_and_replies_right(json_run, two_sentences):
 
 
 def test_human_output_with_voice_chelsie(two_sentences, tiny_checkpoint, json_run, monkeypatch):
-    """No --json: user/assistant lines and a latency line per turn; --voice reaches the engine."""
+    """No --json: user/assistant lines and timing lines per turn; --voice reaches the engine."""
     from duplex_chat.model import engine
 
     speakers = []
@@ -151,7 +167,8 @@ def test_human_output_with_voice_chelsie(two_sentences, tiny_checkpoint, json_ru
     lines = result.stdout.splitlines()
     assert sum(line.startswith("user ") for line in lines) == 2
     assert sum(line.startswith("assistant ") for line in lines) == 2
-    assert result.stdout.count("latency") == 2 and result.stdout.count("first packet") == 2
+    assert result.stdout.count("reply ready") == 2 and result.stdout.count("on this machine") == 2
+    assert "turns (file time" in result.stdout  # the table of every turn at the end
     assert "2 turn(s)" in result.stdout
     assert speakers == [("Chelsie", 2301)]  # the release config's id for chelsie
     # The voice changes the talker only: greedy text equals the --json run's (voice Ethan).
@@ -170,7 +187,7 @@ def test_stock_generate_one_turn(tiny_checkpoint, tmp_path):
     events = json_lines(result.stdout)
     (turn,) = finished_turns(events)
     assert turn["text"].strip() and 0 < turn["reply_s"] <= MAX_REPLY_S
-    assert turn["reply_start_s"] >= events[0]["detected_s"]
+    assert turn["reply_start_s"] >= events[0]["turn_decided_s"]
     assert sf.info(str(out)).channels == 2
 
 
@@ -213,7 +230,7 @@ def test_talking_over_the_reply_cuts_it_deterministically(talked_over, tiny_chec
     assert len(first["heard_text"]) < len(first["text"])
     # The new turn keeps the speech that interrupted (its pre-roll reaches before the onset).
     started = [e for e in runs[0] if e["event"] == "turn_started"]
-    assert started[1]["start_s"] < edges[1][0] < started[1]["end_s"]
+    assert started[1]["start_s"] < edges[1][0] < started[1]["end_of_speech_s"]
     # Nothing of the first reply sounds after the barge-in, until the second reply.
     stereo, _ = sf.read(str(tmp_path / "0.wav"), dtype="float64")
     cut, resume = (round(t * OUT_RATE) for t in (first["interrupted_s"], second["reply_start_s"]))
@@ -224,3 +241,145 @@ def test_talking_over_the_reply_cuts_it_deterministically(talked_over, tiny_chec
 
     assert timeline(runs[0]) == timeline(runs[1])
     assert np.array_equal(stereo, sf.read(str(tmp_path / "1.wav"), dtype="float64")[0])
+
+
+# ---- stopped early: SIGTERM as Ctrl-C ------------------------------------------------------------
+STOP_SENTENCES = SENTENCES * 4  # 8 turns: the signal comes after the first, long before the end
+SUBPROCESS_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def eight_sentences(tmp_path_factory):
+    audio, _ = sentences_with_pauses(STOP_SENTENCES, PAUSE_S, RATE, LEAD_S)
+    path = tmp_path_factory.mktemp("stop") / "eight.wav"
+    sf.write(str(path), audio, RATE, subtype="PCM_16")
+    return path, len(audio) / RATE
+
+
+@pytest.mark.parametrize("signum,at", [(signal.SIGTERM, "turn_finished"),
+                                        (signal.SIGINT, "turn_finished"),
+                                        (signal.SIGTERM, "turn_started")],
+                         ids=["SIGTERM", "SIGINT", "SIGTERM-while-replying"])
+def test_a_signal_stops_the_replay_with_its_file_finished_and_a_summary(
+        eight_sentences, tiny_checkpoint, tmp_path, signum, at):
+    """SIGTERM does what Ctrl-C (SIGINT) does: the --out wav is finished up to where the replay
+    was, the summary says where and why it stopped, and the exit code is 128 + the signal. Sent
+    at "turn_started", it lands while the model writes the reply, in the middle of a chunk: the
+    reply in flight is reported with nothing heard, and the wav still ends where the replay did."""
+    path, duration_s = eight_sentences
+    out = tmp_path / "stopped.wav"
+    env = {**os.environ, **REPLY_CAPS}
+    cmd = [*CLI, "replay", str(path), "--out", str(out), "--json", *model_args(tiny_checkpoint)]
+    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    lines = []
+    try:
+        for line in child.stdout:  # streamed: each line is flushed as it happens
+            lines.append(json.loads(line))
+            if lines[-1]["event"] == at:
+                child.send_signal(signum)
+                break
+        rest, stderr = child.communicate(timeout=SUBPROCESS_TIMEOUT_S)
+    finally:
+        child.kill()
+    assert child.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr
+    events = lines + json_lines(rest)
+    summary = events[-1]
+    assert summary["event"] == "summary" and summary["stopped"] == signal.Signals(signum).name
+    (first, *_) = finished_turns(events)  # the turn in flight is reported too
+    assert 1 <= summary["turns"] < len(STOP_SENTENCES)
+    stopped_at = summary["stopped_at_s"]
+    assert first["turn_decided_s"] <= stopped_at < duration_s
+    if first["reply_start_s"] is None:  # stopped before it sounded
+        assert first["reply_s"] == 0
+    else:  # heard from its start, up to the stop at most
+        assert 0 < first["reply_s"] <= stopped_at - first["reply_start_s"] + 1 / OUT_RATE
+    # The wav ends where the replay stopped, and its header counts every frame written.
+    frames = sf.info(str(out)).frames
+    assert declared_samples(out) == 2 * frames
+    if SOX is not None:
+        assert sox_samples(out) == 2 * frames
+    assert frames == round(stopped_at * OUT_RATE)
+    stereo, _ = sf.read(str(out), dtype="float64")
+    source, _ = sf.read(str(path), dtype="float64")
+    reference = soxr.resample(source, RATE, OUT_RATE)[:frames]
+    assert np.corrcoef(stereo[:, 0], reference)[0, 1] > 0.999  # the input, without a gap
+    if first["reply_start_s"] is not None:
+        start = round(first["reply_start_s"] * OUT_RATE)
+        assert np.any(stereo[start:start + ONSET_SAMPLES, 1])  # the first reply is in it
+
+
+# ---- on a terminal: a long file's progress bar and the text -------------------------------------
+TERMINAL_WIDTH = 120
+LONG_PAUSE_S = 25.0  # two sentences this far apart: a file over a minute, for the bar
+
+
+@pytest.fixture(scope="module")
+def long_file(tmp_path_factory):
+    audio, _ = sentences_with_pauses(SENTENCES, LONG_PAUSE_S, RATE, lead_s=LONG_PAUSE_S)
+    assert len(audio) / RATE > 60  # past PROGRESS_MIN_S
+    path = tmp_path_factory.mktemp("long") / "long.wav"
+    sf.write(str(path), audio, RATE, subtype="PCM_16")
+    return path
+
+
+def run_on_terminal(cmd, stdout_on_terminal: bool) -> tuple[str, str, int]:
+    """Run `cmd` with stderr (and stdout, if asked) on a pseudo-terminal; returns what the
+    terminal got, what the stdout pipe got (if not on the terminal) and the exit code."""
+    master, slave = pty.openpty()
+    env = {**os.environ, **REPLY_CAPS, "COLUMNS": str(TERMINAL_WIDTH), "TERM": "xterm"}
+    out = slave if stdout_on_terminal else subprocess.PIPE
+    child = subprocess.Popen(cmd, stdin=slave, stdout=out, stderr=slave, env=env)
+    os.close(slave)
+    got = {master: b""} if stdout_on_terminal else {master: b"", child.stdout.fileno(): b""}
+    open_fds, deadline = set(got), time.monotonic() + SUBPROCESS_TIMEOUT_S
+    while open_fds and time.monotonic() < deadline:
+        ready, _, _ = select.select(list(open_fds), [], [], 0.5)
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the terminal's last writer is gone
+                data = b""
+            if data:
+                got[fd] += data
+            else:
+                open_fds.discard(fd)
+    child.kill()
+    child.wait()
+    os.close(master)
+    piped = b"" if stdout_on_terminal else got[child.stdout.fileno()]
+    return got[master].decode(), piped.decode(), child.returncode
+
+
+def test_on_a_terminal_a_long_files_bar_never_overwrites_the_replies(long_file, tiny_checkpoint):
+    """stdout and stderr on one terminal (the usual case): the screen, replayed by an emulator,
+    has every user line, every reply whole on its assistant line and every timing line, in order;
+    the bar was drawn meanwhile and is gone at the end."""
+    cmd = [*CLI, "replay", str(long_file), *model_args(tiny_checkpoint)]
+    raw, _, code = run_on_terminal(cmd, stdout_on_terminal=True)
+    assert code == 0, raw[-3000:]
+    assert raw.count("listening") > 2  # the bar was drawn, and redrawn
+    screen = Screen(TERMINAL_WIDTH)
+    screen.feed(raw)
+    lines = screen.lines()
+    assert not any("listening" in line for line in lines)
+    users = [i for i, line in enumerate(lines) if line.startswith("user ")]
+    assert len(users) == 2
+    for i in users:
+        assert lines[i + 1].startswith("assistant ") and len(lines[i + 1]) > len("assistant ")
+        assert lines[i + 2].startswith("  reply ready ")
+        assert lines[i + 3].startswith("  heard from ")
+    assert "2 turn(s)" in lines[-1]
+
+
+def test_json_to_a_pipe_stays_raw_while_the_bar_is_on_the_terminal(long_file, tiny_checkpoint):
+    """--json with stdout piped and stderr on a terminal: the bar shows on stderr, and every
+    JSON line reaches stdout whole (before, the bar's redirection printed them on stderr)."""
+    cmd = [*CLI, "replay", str(long_file), "--json", *model_args(tiny_checkpoint)]
+    raw, piped, code = run_on_terminal(cmd, stdout_on_terminal=False)
+    assert code == 0, raw[-3000:]
+    assert "listening" in raw and '"event"' not in raw
+    events = json_lines(piped)
+    assert [e["event"] for e in events].count("turn_finished") == 2
+    assert events[-1]["event"] == "summary"

@@ -412,5 +412,6 @@ def test_replay_with_the_smart_policy_ends_complete_sentences_sooner(real_model,
     by_model = replay_file(path, {"SCA_TURN_POLICY": "smart"})
     assert len(by_silence) == len(by_model) == len(COMPLETE)
     for slow, fast in zip(by_silence, by_model):
-        assert fast.end_s == pytest.approx(slow.end_s, abs=0.04)
-        assert fast.detected_s - fast.end_s < 0.45 < slow.detected_s - slow.end_s
+        assert fast.end_of_speech_s == pytest.approx(slow.end_of_speech_s, abs=0.04)
+        assert (fast.turn_decided_s - fast.end_of_speech_s < 0.45
+                < slow.turn_decided_s - slow.end_of_speech_s)
