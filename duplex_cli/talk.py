@@ -24,6 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from duplex_chat.audio.constants import SAMPLE_RATE
 from duplex_chat.audio.levels import level_db
 from duplex_chat.audio.vad import SpeechProbability
 from duplex_chat.config import DuplexError, Settings
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # only for types: the streams import sounddevice when they op
     from duplex_chat.audio.stream import AudioIO
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
-STALL_TIMEOUT_S = 1.5  # no audio callback for this long = the device is gone
 # the live view's native stderr log sits beside the recording: <stamp>-stderr.log
 EVENTS_SUFFIX, NATIVE_LOG_SUFFIX = "-events.jsonl", "-stderr.log"
 
@@ -169,6 +169,7 @@ class TalkSession:
         self.player = SpeakerPlayer(io)
         self._reply_playing = False  # a reply's audio is on its way out: underruns count
         self._underruns, self._underruns_seen = 0, 0  # the view's count; the io's total last seen
+        self._skipped, self._skipped_late_s = 0, 0.0  # stale mic audio of the stall under way
         self.session = Session(settings, conversation, self.player, self.on_event,
                                vad_model=vad_model, echo=self.echo)
 
@@ -178,12 +179,30 @@ class TalkSession:
 
     def step(self) -> None:
         """Do everything that arrived since the last step. Never blocks on the model."""
-        mic, played16, played24 = self.io.read_input()
+        chunk = self.io.read_input()
         if self.recorder is not None:
-            self.recorder.audio(mic, played24)
+            self.recorder.audio(chunk.mic, chunk.played24)  # what the microphone really heard
         self.session.input_latency_s = self.io.latency_s[0]
-        self.session.hear(mic, played16)
-        self._show_audio(mic, played24)
+        self.session.hear(chunk.live, chunk.played16)  # stale audio after a stall silenced
+        self._note_skip(chunk.skipped, chunk.late_s)
+        self._show_audio(chunk.mic, chunk.played24)
+
+    def _note_skip(self, skipped: int, late_s: float) -> None:
+        """Tell the session (so the log and the view) about stale microphone audio skipped after
+        a stall, once per stall: a skip may span several reads."""
+        if skipped:
+            self._skipped += skipped
+            self._skipped_late_s = max(self._skipped_late_s, late_s)
+            return
+        if not self._skipped:
+            return
+        total, late = self._skipped, self._skipped_late_s
+        self._skipped, self._skipped_late_s = 0, 0.0
+        self.session.device_trouble(
+            "input_skipped",
+            f"The microphone's audio arrived {late:.1f} s late (this program was held up), "
+            f"so {total / SAMPLE_RATE:.1f} s of it was skipped.",
+            skipped_samples=total, late_ms=round(1000 * late))
 
     # ---- session events: the recording and the view ----------------------------------------
     def on_event(self, event: ev.SessionEvent) -> None:
@@ -262,17 +281,10 @@ class TalkSession:
     def run(self, stop: threading.Event | None = None) -> None:
         """Loop until `stop` is set or Ctrl-C; raise DuplexError when a device fails."""
         self.session.start()
-        last_count, last_change = -1, time.monotonic()
         while stop is None or not stop.is_set():
             self.step()
-            if self.io.check():
+            if self.io.check():  # raises DuplexError when a device is gone for good
                 self.session.device_trouble("streams_reopened", reopens=self.io.counters.reopens)
-            now = time.monotonic()
-            if self.io.callback_count != last_count:
-                last_count, last_change = self.io.callback_count, now
-            elif now - last_change > STALL_TIMEOUT_S:
-                raise DuplexError("The audio device stopped delivering sound.",
-                                  hint="Was it unplugged? Check it and run `duplex-chat talk` again.")
             self.view.refresh()
             time.sleep(LOOP_PERIOD_S)
 
@@ -331,7 +343,7 @@ def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
     view.info(f"mic: {io.input_device.name} @ {io.in_rate} Hz, speaker: {io.output_device.name} "
               f"@ {io.out_rate} Hz, echo cancellation {aec}. Ctrl-C ends.")
     session.note("session_started", input=io.input_device.name, output=io.output_device.name,
-                 in_rate=io.in_rate, out_rate=io.out_rate, duplex=io.duplex,
+                 in_rate=io.in_rate, out_rate=io.out_rate,
                  latency_s=list(io.latency_s), echo_cancellation=session.echo is not None,
                  barge_in=settings.audio.barge_in)
     try:
@@ -347,4 +359,5 @@ def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
         session.shutdown()
         session.note("session_ended", underruns=io.counters.underruns,
                      output_underflows=io.counters.output_underflows,
-                     overruns=io.counters.overruns, reopens=io.counters.reopens)
+                     overruns=io.counters.overruns, reopens=io.counters.reopens,
+                     stale_skips=io.counters.stale_skips, skipped_input=io.counters.skipped_input)

@@ -21,10 +21,10 @@ def test_unplugged_microphone_ends_session_cleanly(tmp_path, monkeypatch):
     unplugged = threading.Event()
     real_input = AudioIO._input_part
 
-    def input_part(self, indata):  # the device vanishes: PortAudio's read fails in the callback
+    def input_part(self, indata, time_info):  # the device vanishes: PortAudio's read fails
         if unplugged.is_set():
             raise OSError("Device unavailable [PaErrorCode -9985]")
-        real_input(self, indata)
+        real_input(self, indata, time_info)
 
     monkeypatch.setattr(AudioIO, "_input_part", input_part)
     with virtual_audio_or_skip():
@@ -74,9 +74,18 @@ def test_stream_that_stops_on_its_own_is_reopened(tmp_path, monkeypatch):
     assert_heard(result.recorded, reply)
 
 
-def test_stream_that_keeps_stopping_is_taken_for_gone():
-    io = AudioIO.__new__(AudioIO)  # no devices: the reopen bookkeeping alone
+def _bare_io(clock=time.monotonic) -> AudioIO:
+    """An AudioIO without devices or streams: its bookkeeping alone."""
+    io = AudioIO.__new__(AudioIO)
     io.error, io._streams, io._reopen_times, io.counters = None, [], [], StreamCounters()
+    io._clock, io._quiet_since, io._last_check = clock, clock(), clock()
+    io._in_callbacks = io._out_callbacks = 0
+    io._seen_callbacks = (-1, -1)
+    return io
+
+
+def test_stream_that_keeps_stopping_is_taken_for_gone():
+    io = _bare_io()
     io.close = lambda: None
     io.start = lambda: setattr(io, "error", None)  # a reopen that works, for a while
     for _ in range(REOPEN_LIMIT):
@@ -95,8 +104,8 @@ class _Status:
 def test_callback_error_is_reported_not_raised_into_portaudio():
     """A failing callback (what a vanished device looks like to us) surfaces through check()."""
     sd = pytest.importorskip("sounddevice")
-    io = AudioIO.__new__(AudioIO)  # no devices: exercise the callback path alone
-    io._sd, io.error, io._callbacks, io._streams = sd, None, 0, []
+    io = _bare_io()
+    io._sd = sd
 
     def broken(*args):
         raise OSError("device disappeared")

@@ -235,8 +235,10 @@ class FakeIO:
         self.speaker = np.zeros(SAMPLES_24K_PER_STEP, np.float32)  # what plays in the next step
 
     def read_input(self):
+        from duplex_chat.audio.stream import InputChunk
+
         mic = np.zeros(160, np.float32)
-        return mic, np.zeros(160, np.float32), self.speaker.copy()
+        return InputChunk(mic, mic, np.zeros(160, np.float32), self.speaker.copy())
 
     def begin_reply(self) -> None: ...
 
