@@ -193,7 +193,7 @@ class LiveArea:
     def __exit__(self, *exc) -> bool:
         line = self.take_line()
         if line is not None:  # stopped mid-reply: what was written stays on the screen
-            self.live.console.print(line)
+            self.live.console.print(line, soft_wrap=True)
         self.live.stop()
         return False
 
@@ -244,7 +244,8 @@ def _no_progress():
 
 class Printer:
     """Human output on `console`: text as it is known, timing lines per turn, a table at the
-    end; loading messages on `err`. With a progress bar on this terminal, the reply being
+    end; loading messages on `err`. Lines are never hard-wrapped (a terminal wraps them itself,
+    and a file or pipe gets them whole). With a progress bar on this terminal, the reply being
     written shows in the LiveArea above the bar and is printed whole once the reply is over."""
 
     def __init__(self, console: Console, err: Console | None = None):
@@ -272,7 +273,7 @@ class Printer:
     def turn_started(self, record: TurnRecord) -> None:
         self.console.print(
             f"\n[bold cyan]user[/] {_clock(record.start_s)}–{_clock(record.end_of_speech_s)} "
-            f"({record.end_of_speech_s - record.start_s:.1f} s)"
+            f"({record.end_of_speech_s - record.start_s:.1f} s)", soft_wrap=True
         )
         if self._live():
             self._area.start_line(Text.assemble(("assistant ", "bold green")))
@@ -289,14 +290,14 @@ class Printer:
     def turn_finished(self, record: TurnRecord) -> None:
         line = self._area.take_line() if self._live() else None
         if line is not None:
-            self.console.print(line)
+            self.console.print(line, soft_wrap=True)
         else:
             self.console.print()  # ends the streamed line
         for line in _timing_lines(record):
-            self.console.print(f"[dim]  {line}[/]", highlight=False)
+            self.console.print(f"[dim]  {line}[/]", highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
-        self.console.print(f"[yellow]{message}[/]")
+        self.console.print(f"[yellow]{message}[/]", soft_wrap=True)
 
     def summary(self, records: list[TurnRecord], out: Path | None, seconds: float,
                 stopped: Stop | None) -> None:
@@ -305,7 +306,7 @@ class Printer:
             self.console.print(_turn_table(records))
         how = (f"stopped by {stopped.name} at {_clock(stopped.at_s)}: " if stopped else "")
         self.console.print(f"\n{how}{len(records)} turn(s) in {seconds:.1f} s"
-                           + (f"; reply audio written to {out}" if out else ""))
+                           + (f"; reply audio written to {out}" if out else ""), soft_wrap=True)
 
     def _live(self) -> bool:
         return self._area is not None and self._area.live.is_started

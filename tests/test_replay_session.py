@@ -185,3 +185,11 @@ def test_a_stop_mid_reply_keeps_what_was_written_on_the_terminal():
     screen = Screen(SCREEN_WIDTH)
     screen.feed(console.file.getvalue())
     assert screen.lines()[-1] == "assistant half a rep"
+
+
+def test_lines_are_never_hard_wrapped_for_a_file_or_a_pipe():
+    out = io.StringIO()
+    replay([silence(0.5), speech(1.0), silence(2.0)], False, Printer(Console(file=out, width=40)))
+    lines = out.getvalue().splitlines()
+    ready = next(line for line in lines if line.startswith("  reply ready"))
+    assert len(ready) > 40 and ready.endswith("modelled)")
