@@ -331,7 +331,12 @@ class Session:
 
     def _speech_started(self, event: SpeechStarted) -> None:
         if self.reply is not None:  # barge-in is off (or has not fired yet): not a turn yet
-            self.speech = _Speech(event.sample_index, event.audio_start_index, self.echo is None)
+            earlier = self.speech
+            if earlier is not None and earlier.real:  # more words over the same reply: one turn
+                self.speech = _Speech(earlier.onset, earlier.audio_start, True)
+            else:
+                self.speech = _Speech(event.sample_index, event.audio_start_index,
+                                      self.echo is None)
             self.emit(ev.UserSpeechStarted(self.now, event.sample_index, event.audio_start_index, None))
             return
         self._open_turn(event.audio_start_index, event.sample_index, event.audio_start_index)

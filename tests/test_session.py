@@ -226,6 +226,19 @@ def test_speech_over_a_reply_that_does_not_give_way_is_the_next_turn():
     assert h.calls("end_turn")[1] == second.sample - second.start_sample  # all of it was fed
 
 
+def test_two_utterances_over_a_reply_that_does_not_give_way_are_one_turn():
+    """Barge-in off, the user says two things while one reply plays: both are the next turn
+    (the second used to replace the first, which was never heard by the model)."""
+    h = Harness(environ={"SCA_AUDIO_BARGE_IN": "false"}, reply_s=4.0)
+    h.hear(silence(0.5), speech(1.0), silence(0.9))  # the reply starts playing
+    first = h.session.now
+    h.hear(speech(0.5, seed=1), silence(0.8), speech(0.5, seed=2), silence(4.0))
+    assert h.of(ev.Interrupted) == []
+    second = h.of(ev.TurnCommitted)[1]
+    assert second.start_sample <= first - PRE_ROLL // 2  # from the first utterance's pre-roll
+    assert h.calls("end_turn")[1] == second.sample - second.start_sample  # all of it was fed
+
+
 def test_speech_still_going_when_the_reply_ends_continues_as_a_turn():
     h = Harness(environ={"SCA_AUDIO_BARGE_IN": "false"})
     h.hear(silence(0.5), speech(1.0), silence(1.0))
