@@ -32,6 +32,7 @@ reply being written just above it, so they never overwrite each other.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -63,6 +64,7 @@ from duplex_chat.session import (
     ReplyFinished,
     SessionEvent,
     Session,
+    SpeculationCounts,
     TurnCommitted,
     TurnDiscarded,
     UserSpeechEnded,
@@ -300,13 +302,18 @@ class Printer:
         self.console.print(f"[yellow]{message}[/]", soft_wrap=True)
 
     def summary(self, records: list[TurnRecord], out: Path | None, seconds: float,
-                stopped: Stop | None) -> None:
+                stopped: Stop | None, speculations: SpeculationCounts | None = None) -> None:
         if records:
             self.console.print()
             self.console.print(_turn_table(records))
         how = (f"stopped by {stopped.name} at {_clock(stopped.at_s)}: " if stopped else "")
         self.console.print(f"\n{how}{len(records)} turn(s) in {seconds:.1f} s"
                            + (f"; reply audio written to {out}" if out else ""), soft_wrap=True)
+        if speculations is not None and speculations.started:
+            s = speculations
+            self.console.print(f"speculative starts: {s.started}, {s.used} played, {s.taken_back} "
+                               f"taken back ({s.wasted_ms:.0f} ms of engine time wasted)",
+                               soft_wrap=True)
 
     def _live(self) -> bool:
         return self._area is not None and self._area.live.is_started
@@ -407,10 +414,12 @@ class JsonPrinter:
     def note(self, message: str) -> None:
         self._emit(event="note", message=message)
 
-    def summary(self, records, out, seconds, stopped: Stop | None) -> None:
+    def summary(self, records, out, seconds, stopped: Stop | None,
+                speculations: SpeculationCounts | None = None) -> None:
         self._emit(event="summary", turns=len(records), out=str(out) if out else None,
                    seconds=seconds, stopped=stopped.name if stopped else None,
-                   stopped_at_s=stopped.at_s if stopped else None)
+                   stopped_at_s=stopped.at_s if stopped else None,
+                   speculations=dataclasses.asdict(speculations) if speculations else None)
 
 
 def _round(seconds: float | None) -> float | None:
@@ -687,7 +696,8 @@ def run_replay(settings: Settings, file: Path, out: Path | None = None, stock: b
                 out.unlink(missing_ok=True)
             raise DuplexError(f"No speech found in {file} ({info.duration_s:.1f} s of audio).",
                               hint="Check the recording level, or lower vad.threshold.")
-        printer.summary(session.records, out, time.perf_counter() - started, stopped)
+        printer.summary(session.records, out, time.perf_counter() - started, stopped,
+                        session.session.speculations)
     return 0 if stopped is None else SIGNAL_EXIT_BASE + stopped.signum
 
 

@@ -1,4 +1,4 @@
-"""Turn-taking: who speaks when, for `talk`, `replay` and a future server.
+"""Turn-taking: who speaks when, for `talk`, `replay` and `serve`.
 
 The session sits between the loops that move audio (terminal, file, socket) and the model. It
 takes microphone samples (16 kHz, counted from the start: the session's clock) and what the
@@ -11,7 +11,9 @@ PortAudio.
 Modules: `session.py` (the `Session`), `policy.py` (turn policies), `smart_turn.py` (the
 semantic end of turn: Smart Turn v3.2 as a policy), `bargein.py` (the barge-in
 decision and its echo checks), `worker.py` (commands, the worker, the `Player` contract),
-`virtual.py` (a player on a virtual clock, for `replay`), `events.py`.
+`virtual.py` (a player on a virtual clock, for `replay`), `events.py`. A speculative start
+(`turn.speculate_ms`) runs the reply at a pause before the turn is decided and takes it back
+exactly if the user goes on (`duplex_chat.model.speculation`).
 """
 
 from .events import (
@@ -24,19 +26,22 @@ from .events import (
     ReplyFinished,
     ReplyStarted,
     SessionEvent,
+    SpeculationStarted,
+    SpeculationTakenBack,
     TurnCommitted,
     TurnDiscarded,
     UserSpeechEnded,
     UserSpeechStarted,
 )
 from .policy import SilencePolicy, TurnPolicy, make_policy
-from .session import Echo, Session
+from .session import Echo, Session, SpeculationCounts
 from .virtual import MODELED_FIRST_PACKET_S, VirtualPlayer
 from .worker import Player, Progress
 
 __all__ = [
     "BargeInLapsed", "DeviceTrouble", "Echo", "EngineEvent", "HistoryCut", "Interrupted",
     "MODELED_FIRST_PACKET_S", "Player", "Progress", "ReplyAudible", "ReplyFinished",
-    "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "TurnCommitted", "TurnDiscarded", "TurnPolicy",
+    "ReplyStarted", "Session", "SessionEvent", "SilencePolicy", "SpeculationCounts",
+    "SpeculationStarted", "SpeculationTakenBack", "TurnCommitted", "TurnDiscarded", "TurnPolicy",
     "UserSpeechEnded", "UserSpeechStarted", "VirtualPlayer", "make_policy",
 ]

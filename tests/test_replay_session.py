@@ -193,3 +193,23 @@ def test_lines_are_never_hard_wrapped_for_a_file_or_a_pipe():
     lines = out.getvalue().splitlines()
     ready = next(line for line in lines if line.startswith("  reply ready"))
     assert len(ready) > 40 and ready.endswith("modelled)")
+
+
+def test_the_summary_counts_the_speculative_starts(capsys):
+    """turn.speculate_ms on: the pause inside the turn starts a reply that is taken back, the
+    end of turn plays the second; the summary says so, in words and in --json."""
+    env = {"SCA_TURN_SPECULATE_MS": "160"}
+    session = replay([silence(0.5), speech(1.0), silence(0.4), speech(0.8, seed=1),
+                      silence(2.0)], False, environ=env)
+    counts = session.session.speculations
+    assert (counts.started, counts.used, counts.taken_back) == (2, 1, 1)
+    text = io.StringIO()
+    Printer(Console(file=text, width=200)).summary(session.records, None, 1.0, None, counts)
+    assert "speculative starts: 2, 1 played, 1 taken back" in text.getvalue()
+    capsys.readouterr()
+    JsonPrinter(Console(file=io.StringIO())).summary(session.records, None, 1.0, None, counts)
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["speculations"]["started"] == 2 and summary["speculations"]["used"] == 1
+    # the speculated reply sounds at the decision: the modelled first packet was made in the pause
+    (record,) = session.records
+    assert record.reply_start_s == pytest.approx(record.turn_decided_s, abs=1e-3)
