@@ -8,6 +8,7 @@ when not, the exact command that installs PortAudio on this system.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from types import ModuleType
 from typing import Literal, Sequence
 
 from duplex_chat.config import DuplexError
+
+from .pulse import PREFIX as PULSE_PREFIX
+from .pulse import PulseDevice, find_pulse_device, pulse_devices
 
 Kind = Literal["input", "output"]
 KINDS: tuple[str, ...] = ("input", "output")
@@ -33,6 +37,8 @@ INSTALL_COMMANDS: dict[str, str] = {
     "macos": "brew install portaudio",
 }
 NEEDS_ROOT = {"debian", "fedora", "arch", "suse"}
+# PortAudio devices (ALSA PCMs) that reach the sound server, the first one present is used
+PULSE_ROUTES = ("pulse", "default")
 FAMILY_ALIASES = {"ubuntu": "debian", "rhel": "fedora", "centos": "fedora", "manjaro": "arch",
                   "opensuse": "suse", "opensuse-leap": "suse", "opensuse-tumbleweed": "suse"}
 
@@ -49,6 +55,9 @@ class DeviceInfo:
     default_samplerate: float
     is_default_input: bool
     is_default_output: bool
+    # A sound-server source or sink reached through PortAudio's `pulse` device (audio/pulse.py):
+    # its name, for PULSE_SOURCE / PULSE_SINK; "" for a plain PortAudio device.
+    pulse_name: str = ""
 
     def channels(self, kind: Kind) -> int:
         """Maximum channels of `kind` ("input" or "output")."""
@@ -148,8 +157,10 @@ def default_device(kind: Kind, devices: Sequence[DeviceInfo] | None = None) -> D
 def find_device(spec: str, kind: Kind, devices: Sequence[DeviceInfo] | None = None) -> DeviceInfo:
     """The device `spec` names for `kind` ("input" or "output").
 
-    `spec`: "" = the system default; an integer string = that index; anything else = a
-    case-insensitive part of the name (a unique exact name wins over partial matches). `devices`
+    `spec`: "" = the system default; an integer string = that index; "pulse:NAME" = the sound
+    server's source or sink NAME (audio/pulse.py); anything else = a case-insensitive part of
+    the name (a unique exact name wins over partial matches), or, when no PortAudio device has
+    it, of a sound-server source's or sink's name or description. `devices`
     defaults to `list_devices()`. Raises DuplexError when the device is missing, ambiguous, or
     has no channels of `kind`.
     """
@@ -158,6 +169,8 @@ def find_device(spec: str, kind: Kind, devices: Sequence[DeviceInfo] | None = No
     devices = list_devices() if devices is None else list(devices)
     spec = spec.strip()
     flag = f"--{kind}-device"
+    if spec.lower().startswith(PULSE_PREFIX):
+        return _pulse_route(spec[len(PULSE_PREFIX):], kind, devices, flag)
     if not spec:
         found = default_device(kind, devices)
         if found is None:
@@ -177,6 +190,9 @@ def _by_name(spec: str, kind: Kind, devices: Sequence[DeviceInfo], flag: str) ->
     wanted = spec.lower()
     named = [d for d in devices if wanted in d.name.lower()]
     if not named:
+        pulse = pulse_devices()  # a desktop's real microphones and speakers are the server's
+        if pulse and find_pulse_device(spec, kind, pulse):
+            return _pulse_route(spec, kind, devices, flag, pulse)
         raise DuplexError(f"No audio device name contains '{spec}'.",
                           hint="See `duplex-chat talk --list-devices`.")
     usable = [d for d in named if d.channels(kind) > 0]
@@ -191,6 +207,36 @@ def _by_name(spec: str, kind: Kind, devices: Sequence[DeviceInfo], flag: str) ->
         raise DuplexError(f"'{spec}' matches several {kind} devices: {listed}.",
                           hint=f"Give {flag} a longer name part or an index.")
     return usable[0]
+
+
+def _pulse_route(spec: str, kind: Kind, devices: Sequence[DeviceInfo], flag: str,
+                 pulse: list[PulseDevice] | None = None) -> DeviceInfo:
+    """The sound server's source or sink `spec` names, as PortAudio's `pulse` device (or
+    `default`, which goes to the server on such desktops) routed there (DeviceInfo.pulse_name)."""
+    pulse = pulse_devices() if pulse is None else pulse
+    if pulse is None:
+        raise DuplexError(f"'{PULSE_PREFIX}{spec}' needs a PulseAudio or PipeWire server and "
+                          "pactl, and none answers.",
+                          hint="Install pulseaudio-utils, or pick a device by index or name.")
+    matches = find_pulse_device(spec, kind, pulse)
+    what = "source" if kind == "input" else "sink"
+    if not matches:
+        raise DuplexError(f"The sound server has no {what} named like '{spec}'.",
+                          hint="See `duplex-chat talk --list-devices`.")
+    if len(matches) > 1:
+        listed = "; ".join(f"{d.name} ({d.description})" for d in matches)
+        raise DuplexError(f"'{spec}' matches several {what}s: {listed}.",
+                          hint=f"Give {flag} the whole name, as {PULSE_PREFIX}NAME.")
+    route = next((d for name in PULSE_ROUTES for d in devices
+                  if d.name == name and d.channels(kind) > 0), None)
+    if route is None:
+        raise DuplexError("PortAudio has no 'pulse' device to reach the sound server through.",
+                          hint="Install ALSA's pulse plugin (libasound2-plugins on Debian and "
+                               "Ubuntu; pipewire-alsa with PipeWire).")
+    found = matches[0]
+    return dataclasses.replace(route, name=found.name, hostapi=f"{route.hostapi} -> {route.name}",
+                               default_samplerate=float(found.rate or route.default_samplerate),
+                               pulse_name=found.name)
 
 
 def _with_channels(device: DeviceInfo, kind: Kind, flag: str) -> DeviceInfo:

@@ -9,7 +9,8 @@ rings:
     mic (device rate) --mic ring--> read_input() -> 16 kHz mic + 16 kHz/24 kHz copies of what played
     write_output(24 kHz reply) -> device rate --out ring--> speaker --played ring--> read_input()
 
-One stream per direction, each at its device's default rate. Not one duplex `sd.Stream`: on
+One stream per direction, each at the model's rate where the device takes it (see
+`_choose_rates`). Not one duplex `sd.Stream`: on
 PortAudio's ALSA host API through the ALSA pulse plugin (how PortAudio 19.6 reaches PulseAudio
 and PipeWire) a duplex stream is paced by its output, so microphone audio that piles up while
 the process is stalled stays queued inside libpulse for ever (a 1 s SIGSTOP left every later
@@ -32,7 +33,8 @@ import numpy as np
 from duplex_chat.config import DuplexError
 
 from .constants import OUTPUT_SAMPLE_RATE, SAMPLE_RATE
-from .devices import DeviceInfo
+from .devices import DeviceInfo, supports_rate
+from .pulse import routed
 from .resample import StreamResampler
 
 RING_SECONDS_IN = 10.0  # microphone audio buffered before overruns (the reader drains every ~10 ms)
@@ -176,9 +178,14 @@ class _Resampler:
 
 
 def _choose_rates(inp: DeviceInfo, out: DeviceInfo) -> tuple[int, int]:
-    """(input rate, output rate): each device's own default rate (the streams resample to and
-    from the model's rates)."""
-    return int(inp.default_samplerate), int(out.default_samplerate)
+    """(input rate, output rate): the model's own (16 kHz in, 24 kHz out) where the device takes
+    it, else the device's default (then we resample). A sound server (PulseAudio, PipeWire)
+    resamples for us anyway; opening at its source's rate spares both conversions (measured on
+    the virtual devices: about 1.5 % of a core less for talk at idle)."""
+    in_rate = SAMPLE_RATE if supports_rate(inp, "input", SAMPLE_RATE) else int(inp.default_samplerate)
+    out_rate = (OUTPUT_SAMPLE_RATE if supports_rate(out, "output", OUTPUT_SAMPLE_RATE)
+                else int(out.default_samplerate))
+    return in_rate, out_rate
 
 
 @dataclass
@@ -331,14 +338,16 @@ class AudioIO:
         common = dict(channels=1, dtype="float32", latency=self.latency,
                       finished_callback=functools.partial(self._finished, self._attempt))
         try:
-            self._streams = [
-                sd.InputStream(device=self.input_device.index, samplerate=self.in_rate,
-                               callback=self._input_cb, **common),
-                sd.OutputStream(device=self.output_device.index, samplerate=self.out_rate,
-                                callback=self._output_cb, **common),
-            ]
-            for stream in self._streams:
-                stream.start()
+            # A sound-server device by name: libpulse reads the route when the stream connects.
+            with routed(self.input_device.pulse_name, self.output_device.pulse_name):
+                self._streams = [
+                    sd.InputStream(device=self.input_device.index, samplerate=self.in_rate,
+                                   callback=self._input_cb, **common),
+                    sd.OutputStream(device=self.output_device.index, samplerate=self.out_rate,
+                                    callback=self._output_cb, **common),
+                ]
+                for stream in self._streams:
+                    stream.start()
         except (sd.PortAudioError, ValueError) as exc:
             self.close()
             raise DuplexError(

@@ -37,6 +37,7 @@ from .recorder import SessionRecorder
 from .view import TalkState, TalkView
 
 if TYPE_CHECKING:  # only for types: the streams import sounddevice when they open
+    from duplex_chat.audio.pulse import PulseWatch
     from duplex_chat.audio.stream import AudioIO
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
@@ -81,6 +82,24 @@ def print_devices(console: Console) -> None:
                                              ("output", d.is_default_output)) if on)
         table.add_row(str(d.index), d.name, d.hostapi, str(d.max_input_channels),
                       str(d.max_output_channels), f"{d.default_samplerate:.0f}", default)
+    console.print(table)
+    _print_pulse_devices(console)
+
+
+def _print_pulse_devices(console: Console) -> None:
+    """The sound server's sources and sinks, which PortAudio 19.6 only knows as `pulse`."""
+    from duplex_chat.audio.pulse import PREFIX, pulse_devices
+
+    found = pulse_devices()
+    if not found:
+        return
+    table = Table(title=f"PulseAudio / PipeWire (use as --input-device / --output-device {PREFIX}NAME)")
+    for column in ("kind", "name", "description", "rate", "default"):
+        table.add_column(column)
+    for d in found:
+        kind = "speaker" if d.kind == "output" else (
+            f"monitor of {d.monitor_of}" if d.monitor_of else "microphone")
+        table.add_row(kind, d.name, d.description, f"{d.rate}", "yes" if d.is_default else "")
     console.print(table)
 
 
@@ -151,6 +170,8 @@ class SpeakerPlayer:
 # ---- the control loop ---------------------------------------------------------------------------
 class TalkSession:
     """One talk session: the device loop around a `Session`, its view and its recording."""
+
+    watch: PulseWatch | None = None  # set by _session_loop: devices swapped under our streams
 
     def __init__(self, settings: Settings, conversation: Conversation, io: AudioIO, view: TalkView,
                  recorder: SessionRecorder | None, vad_model: SpeechProbability | None = None):
@@ -285,11 +306,22 @@ class TalkSession:
             self.step()
             if self.io.check():  # raises DuplexError when a device is gone for good
                 self.session.device_trouble("streams_reopened", reopens=self.io.counters.reopens)
+            self._report_swaps()
             self.view.refresh()
             time.sleep(LOOP_PERIOD_S)
 
+    def _report_swaps(self) -> None:
+        """A device the sound server swapped under our streams (audio/pulse.py PulseWatch)."""
+        if self.watch is None:
+            return
+        for kind, sentence, place in self.watch.changes():
+            self.session.device_trouble("device_changed", sentence, rate=place.rate,
+                                        input=int(kind == "input"))
+
     def shutdown(self) -> None:
         """Stop the reply and the worker, without waiting long on the model."""
+        if self.watch is not None:
+            self.watch.stop()
         self.session.close()
 
 
@@ -346,6 +378,9 @@ def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
                  in_rate=io.in_rate, out_rate=io.out_rate,
                  latency_s=list(io.latency_s), echo_cancellation=session.echo is not None,
                  barge_in=settings.audio.barge_in)
+    from duplex_chat.audio.pulse import PulseWatch
+
+    session.watch = PulseWatch().start()  # says nothing where no sound server answers
     try:
         session.run(stop)
     except KeyboardInterrupt:

@@ -1,0 +1,221 @@
+"""PulseAudio and PipeWire (through pipewire-pulse) sources and sinks, seen through `pactl`.
+
+PortAudio 19.6 reaches a sound server only through ALSA's `pulse` plugin, so it lists just
+`pulse` and `default`, never the real microphones and speakers. `pactl` (pulseaudio-utils; it
+talks to PipeWire's pulse server too) lists them, and libpulse routes a stream opened on the
+`pulse` device to the source or sink named in PULSE_SOURCE / PULSE_SINK (read when the stream's
+connection is made). `pactl` also says which source and sink our own streams are on right now:
+the server moves a stream when its device goes away, possibly onto the monitor of our own
+speaker, without PortAudio noticing; `PulseWatch` notices.
+
+Everything here degrades to "nothing known" (None, []) when there is no server or no pactl;
+`pactl -f json` needs PulseAudio 16 or newer (or PipeWire's pactl).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+Kind = Literal["input", "output"]
+PACTL_TIMEOUT_S = 2.0  # a server that does not answer in this time is treated as absent
+WATCH_PERIOD_S = 1.0  # how often PulseWatch looks where our streams are (one pactl call: ~7 ms)
+PREFIX = "pulse:"  # --input-device pulse:NAME names a source, --output-device pulse:NAME a sink
+ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}  # libpulse's per-client defaults
+
+
+@dataclass(frozen=True)
+class PulseDevice:
+    """A source (`kind` "input") or sink ("output") of the sound server."""
+
+    kind: Kind
+    index: int  # the server's
+    name: str  # what PULSE_SOURCE / PULSE_SINK take
+    description: str
+    rate: int
+    channels: int
+    is_default: bool = False
+    monitor_of: str = ""  # for a sink's monitor source: that sink's name
+
+
+@dataclass(frozen=True)
+class StreamPlace:
+    """Where one of our streams is: the device's name and rate, and whether that device is the
+    monitor of a sink (then it hears that sink, not a microphone)."""
+
+    device: str
+    rate: int
+    monitor_of: str = ""
+
+
+def _pactl_json(*args: str) -> object | None:
+    """`pactl -f json ARGS` parsed, or None (no pactl, no server, an old pactl)."""
+    if shutil.which("pactl") is None:
+        return None
+    try:
+        done = subprocess.run(["pactl", "-f", "json", *args], capture_output=True, text=True,
+                              timeout=PACTL_TIMEOUT_S, check=False)
+        return json.loads(done.stdout) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError):
+        return None
+
+
+def _rate(spec: str) -> int:
+    """48000 from a sample specification like "s16le 2ch 48000Hz" (0 when unreadable)."""
+    last = spec.split()[-1] if spec.split() else ""
+    return int(last[:-2]) if last.endswith("Hz") and last[:-2].isdigit() else 0
+
+
+def _channels(spec: str) -> int:
+    part = next((p for p in spec.split() if p.endswith("ch")), "")
+    return int(part[:-2]) if part[:-2].isdigit() else 0
+
+
+def pulse_devices(snapshot: dict | None = None) -> list[PulseDevice] | None:
+    """The server's sources and sinks, or None when no server answers through pactl.
+    `snapshot`: a `pactl -f json list` already made (then the defaults are not marked)."""
+    info = {} if snapshot is not None else _pactl_json("info")
+    snapshot = _pactl_json("list") if snapshot is None else snapshot
+    if not isinstance(info, dict) or not isinstance(snapshot, dict):
+        return None
+    sources, sinks = snapshot.get("sources", []), snapshot.get("sinks", [])
+    monitors = {s.get("monitor_source", ""): s.get("name", "") for s in sinks}
+    found = [_device("input", s, info.get("default_source_name"), monitors) for s in sources]
+    found += [_device("output", s, info.get("default_sink_name"), {}) for s in sinks]
+    return found
+
+
+def _device(kind: Kind, entry: dict, default: object, monitors: dict[str, str]) -> PulseDevice:
+    spec = str(entry.get("sample_specification", ""))
+    name = str(entry.get("name", ""))
+    return PulseDevice(kind, int(entry.get("index", -1)), name, str(entry.get("description", "")),
+                       _rate(spec), _channels(spec), name == default, monitors.get(name, ""))
+
+
+def find_pulse_device(spec: str, kind: Kind, devices: list[PulseDevice]) -> list[PulseDevice]:
+    """The devices of `kind` that `spec` names: an exact name wins, else every one whose name
+    or description contains it (case-insensitive)."""
+    of_kind = [d for d in devices if d.kind == kind]
+    exact = [d for d in of_kind if d.name == spec]
+    if exact:
+        return exact
+    wanted = spec.lower()
+    return [d for d in of_kind if wanted in d.name.lower() or wanted in d.description.lower()]
+
+
+def our_streams(pid: int | None = None) -> dict[Kind, StreamPlace] | None:
+    """Where this process's record and playback streams are now (the newest of each), or None
+    when the server cannot be asked."""
+    pid = os.getpid() if pid is None else pid
+    snapshot = _pactl_json("list")  # one call (~7 ms) for devices and streams alike
+    devices = pulse_devices(snapshot) if isinstance(snapshot, dict) else None
+    if devices is None or snapshot is None:
+        return None
+    outputs, inputs = snapshot.get("source_outputs", []), snapshot.get("sink_inputs", [])
+    places: dict[Kind, StreamPlace] = {}
+    for kind, streams, key in (("input", outputs, "source"), ("output", inputs, "sink")):
+        by_index = {d.index: d for d in devices if d.kind == kind}
+        mine = [s for s in streams
+                if str(s.get("properties", {}).get("application.process.id")) == str(pid)]
+        if mine:
+            newest = max(mine, key=lambda s: int(s.get("index", 0)))
+            device = by_index.get(int(newest.get(key, -1)))
+            places[kind] = (StreamPlace(device.name, device.rate, device.monitor_of) if device
+                            else StreamPlace("?", 0))
+    return places
+
+
+def describe_change(kind: Kind, before: StreamPlace, now: StreamPlace) -> str:
+    """One sentence for the user about a device swapped under our stream ("" when none)."""
+    what = "microphone" if kind == "input" else "speaker"
+    if now.device != before.device:
+        return (f"The sound server moved the {what} from '{before.device}' to '{now.device}' "
+                f"(was the device unplugged or the default changed?).")
+    if now.rate != before.rate:
+        return f"The {what} '{now.device}' now runs at {now.rate} Hz instead of {before.rate} Hz."
+    return ""
+
+
+class PulseWatch:
+    """Looks every WATCH_PERIOD_S, on a thread of its own (pactl takes ~10 ms), where this
+    process's streams are; `changes()` returns what changed since, as (kind, sentence, place).
+    A microphone that turns out to be the monitor of our own speaker is reported too: the
+    assistant would hear itself. Does nothing where the server cannot be asked."""
+
+    def __init__(self, period_s: float = WATCH_PERIOD_S):
+        self._period = period_s
+        self._changes: queue.Queue[tuple[Kind, str, StreamPlace]] = queue.Queue()
+        self._stop = threading.Event()
+        self._first: dict[Kind, StreamPlace] | None = None
+        self._thread = threading.Thread(target=self._run, name="pulse-watch", daemon=True)
+
+    def start(self) -> PulseWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def changes(self) -> list[tuple[Kind, str, StreamPlace]]:
+        out = []
+        while True:
+            try:
+                out.append(self._changes.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run(self) -> None:
+        seen: dict[Kind, StreamPlace] | None = None
+        while not self._stop.wait(self._period):
+            places = our_streams()
+            if places is None:
+                continue
+            if seen is None:
+                seen = places
+                self._check_loop(places)
+                continue
+            for kind, place in places.items():
+                before = seen.get(kind)
+                sentence = describe_change(kind, before, place) if before else ""
+                if sentence:
+                    self._changes.put((kind, sentence, place))
+            if places.get("input") != seen.get("input") or places.get("output") != seen.get("output"):
+                self._check_loop(places)
+            seen = {**seen, **places}
+
+    def _check_loop(self, places: dict[Kind, StreamPlace]) -> None:
+        """The microphone is the monitor of the sink we play into."""
+        mic, speaker = places.get("input"), places.get("output")
+        if mic and speaker and mic.monitor_of and mic.monitor_of == speaker.device:
+            sentence = (f"The microphone is now '{mic.device}', which hears our own speaker "
+                        f"'{speaker.device}', not you.")
+            self._changes.put(("input", sentence, mic))
+
+
+class routed:
+    """Context manager: streams opened inside it on PortAudio's `pulse` device go to source
+    `source` and sink `sink` ("" = the server's default), through libpulse's PULSE_SOURCE and
+    PULSE_SINK; the environment is put back afterwards."""
+
+    def __init__(self, source: str = "", sink: str = ""):
+        self._wanted = {ENV["input"]: source, ENV["output"]: sink}
+        self._saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> None:
+        for key, value in self._wanted.items():
+            if value:
+                self._saved[key] = os.environ.get(key)
+                os.environ[key] = value
+
+    def __exit__(self, *exc: object) -> None:
+        for key, value in self._saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
