@@ -1,0 +1,138 @@
+"""AudioIO's bookkeeping without devices: stale microphone audio after a stall, the echo
+reference kept paired, and the difference between this process stalling and a device gone quiet."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from duplex_chat.audio import stream
+from duplex_chat.config import DuplexError
+from duplex_chat.audio.stream import (
+    ALIGN_TOLERANCE_S,
+    KEEP_LIVE_S,
+    NO_CALLBACKS,
+    READER_GAP_S,
+    STALE_AFTER_S,
+    STALL_TIMEOUT_S,
+    AudioIO,
+    RingBuffer,
+    StreamCounters,
+    _Resampler,
+)
+
+RATE = 16_000  # both "devices" at the model's input rate: no resampling in these tests
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def bare_io(clock: Clock) -> AudioIO:
+    """An AudioIO with rings and counters but no streams, on `clock`."""
+    io = AudioIO.__new__(AudioIO)
+    io._clock, io.in_rate, io.out_rate = clock, RATE, RATE
+    io.counters, io.error, io._streams, io._reopen_times = StreamCounters(), None, [], []
+    io._mic, io._played = RingBuffer(RATE * 10), RingBuffer(RATE * 10)
+    io._mic_to_16k, io._played_to_16k = _Resampler(RATE, RATE), _Resampler(RATE, RATE)
+    io._played_to_24k = _Resampler(RATE, RATE)
+    io._newest, io._was_skipping = (0.0, 0.0, 0), False
+    io._mic_total = io._played_total = 0
+    io._align_base = None
+    io._in_callbacks = io._out_callbacks = 0
+    io._seen_callbacks = (-1, -1)
+    io._quiet_since = io._last_check = clock()
+    return io
+
+
+def callbacks(io: AudioIO, seconds: float, mic: bool = True, played: bool = True,
+              reported_age: float = 0.0) -> None:
+    """What the input and output callbacks did over `seconds` (10 ms blocks); the clock moves."""
+    block = RATE // 100
+    for _ in range(round(seconds * 100)):
+        io._clock.t += 0.01
+        if mic:
+            info = SimpleNamespace(currentTime=io._clock.t + 1000.0,
+                                   inputBufferAdcTime=io._clock.t + 1000.0 - reported_age
+                                   - (block - 1) / RATE)
+            io._input_part(np.full((block, 1), 0.5, np.float32), info)
+        if played:
+            io._played.write(np.full(block, 0.25, np.float32))
+            io._out_callbacks += 1
+
+
+def test_live_input_passes_untouched():
+    io = bare_io(Clock())
+    callbacks(io, 0.1)
+    chunk = io.read_input()
+    assert chunk.skipped == 0 and chunk.live is chunk.mic and np.all(chunk.mic == 0.5)
+    assert len(chunk.mic) == len(chunk.played16) == 0.1 * RATE
+
+
+def test_audio_held_up_in_our_ring_by_a_stall_is_skipped_but_recorded():
+    io = bare_io(Clock())
+    callbacks(io, 0.1)
+    io.read_input()
+    callbacks(io, 1.0)  # the reader did not run for 1 s (both sides kept arriving)
+    chunk = io.read_input()
+    assert len(chunk.mic) == RATE and np.all(chunk.mic == 0.5)  # the recording keeps it all
+    kept = len(chunk.live) - chunk.skipped
+    assert abs(kept - KEEP_LIVE_S * RATE) <= RATE // 100  # back within ~100 ms of the mic
+    assert np.all(chunk.live[:chunk.skipped] == 0) and np.all(chunk.live[chunk.skipped:] == 0.5)
+    assert chunk.late_s == pytest.approx(1.0, abs=0.02)
+    assert len(chunk.played16) == RATE  # nothing slipped: the speaker ran all along
+    assert io.counters.stale_skips == 1 and io.counters.skipped_input == chunk.skipped
+
+
+def test_a_backlog_the_device_reports_is_skipped_and_the_echo_reference_realigned():
+    """A SIGSTOP: the server queued the mic meanwhile (the stream's time stamps say how old it
+    is), while nothing was played; the reference gets that silence so the pairing holds."""
+    io = bare_io(Clock())
+    callbacks(io, 0.2)
+    io.read_input()
+    callbacks(io, 1.0, played=False, reported_age=0.9)  # arrived in a burst after the stop
+    callbacks(io, 0.05)
+    chunk = io.read_input()
+    assert chunk.skipped > 0.9 * RATE and chunk.late_s > 0.9
+    slip = (io._mic_total - io._played_total) - io._align_base
+    assert abs(slip) <= ALIGN_TOLERANCE_S * RATE
+    assert np.all(chunk.played16[:int(0.9 * RATE)] == 0)  # silence where nothing played
+
+
+def test_ordinary_jitter_is_not_a_stall():
+    io = bare_io(Clock())
+    callbacks(io, STALE_AFTER_S - 0.05, reported_age=0.04)
+    chunk = io.read_input()
+    assert chunk.skipped == 0
+    callbacks(io, 0.2, played=False)  # one side late for a moment: no realignment outside a stall
+    chunk = io.read_input()
+    assert chunk.skipped == 0 and len(chunk.played16) == 0
+
+
+def test_a_stall_of_this_process_is_not_a_device_gone_quiet(monkeypatch):
+    clock = Clock()
+    io = bare_io(clock)
+    reopened = []
+    monkeypatch.setattr(AudioIO, "_reopen", lambda self: reopened.append(self.error) or False)
+    callbacks(io, 0.1)
+    io.check()
+    clock.t += STALL_TIMEOUT_S + 1.0  # stopped as a whole: no callbacks, no checks
+    io.check()
+    assert io.error is None and not reopened
+    with pytest.raises(DuplexError, match="stopped delivering sound"):
+        for _ in range(round(STALL_TIMEOUT_S / 0.1) + 2):  # the checks run; only the speaker moves
+            clock.t += min(0.1, READER_GAP_S / 2)
+            io._out_callbacks += 1
+            io.check()
+    assert reopened == [NO_CALLBACKS]  # a reopen was tried before giving up
+
+
+def test_stream_constants_are_consistent():
+    assert KEEP_LIVE_S < STALE_AFTER_S < STALL_TIMEOUT_S
+    assert stream.READER_GAP_S < STALL_TIMEOUT_S
