@@ -28,6 +28,9 @@ PACTL_TIMEOUT_S = 2.0  # a server that does not answer in this time is treated a
 WATCH_PERIOD_S = 1.0  # how often PulseWatch looks where our streams are (one pactl call: ~7 ms)
 PREFIX = "pulse:"  # --input-device pulse:NAME names a source, --output-device pulse:NAME a sink
 ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}  # libpulse's per-client defaults
+# Our streams carry this property (through libpulse's PULSE_PROP), valued with our process id, so
+# the watch tells them from other streams of the same process (a test's own, say).
+TAG = "duplex-chat.talk"
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,8 @@ def find_pulse_device(spec: str, kind: Kind, devices: list[PulseDevice]) -> list
 
 
 def our_streams(pid: int | None = None) -> dict[Kind, StreamPlace] | None:
-    """Where this process's record and playback streams are now (the newest of each), or None
-    when the server cannot be asked."""
+    """Where this process's record and playback streams (those opened inside `routed`) are now,
+    the newest of each, or None when the server cannot be asked."""
     pid = os.getpid() if pid is None else pid
     snapshot = _pactl_json("list")  # one call (~7 ms) for devices and streams alike
     devices = pulse_devices(snapshot) if isinstance(snapshot, dict) else None
@@ -121,8 +124,7 @@ def our_streams(pid: int | None = None) -> dict[Kind, StreamPlace] | None:
     places: dict[Kind, StreamPlace] = {}
     for kind, streams, key in (("input", outputs, "source"), ("output", inputs, "sink")):
         by_index = {d.index: d for d in devices if d.kind == kind}
-        mine = [s for s in streams
-                if str(s.get("properties", {}).get("application.process.id")) == str(pid)]
+        mine = [s for s in streams if s.get("properties", {}).get(TAG) == str(pid)]
         if mine:
             newest = max(mine, key=lambda s: int(s.get("index", 0)))
             device = by_index.get(int(newest.get(key, -1)))
@@ -201,10 +203,13 @@ class PulseWatch:
 class routed:
     """Context manager: streams opened inside it on PortAudio's `pulse` device go to source
     `source` and sink `sink` ("" = the server's default), through libpulse's PULSE_SOURCE and
-    PULSE_SINK; the environment is put back afterwards."""
+    PULSE_SINK, and carry TAG; the environment is put back afterwards."""
 
     def __init__(self, source: str = "", sink: str = ""):
-        self._wanted = {ENV["input"]: source, ENV["output"]: sink}
+        tag = f"{TAG}={os.getpid()}"
+        user = os.environ.get("PULSE_PROP", "")
+        self._wanted = {ENV["input"]: source, ENV["output"]: sink,
+                        "PULSE_PROP": f"{user} {tag}".strip()}
         self._saved: dict[str, str | None] = {}
 
     def __enter__(self) -> None:

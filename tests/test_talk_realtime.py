@@ -11,12 +11,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from duplex_chat.audio.pulse import TAG
 
 from .talk_harness import TEST_RATE, _open_test_stream, espeak, read_log
 from .virtual_audio import virtual_audio_or_skip
@@ -203,8 +204,7 @@ def test_idle_cpu_stays_low_before_and_after_a_stall(vaudio, tiny_checkpoint, tm
 def _our_source_output(pid: int) -> int:
     outputs = json.loads(subprocess.run(["pactl", "-f", "json", "list", "source-outputs"],
                                         capture_output=True, text=True, check=True).stdout)
-    return max(int(o["index"]) for o in outputs
-               if o["properties"].get("application.process.id") == str(pid))
+    return max(int(o["index"]) for o in outputs if o["properties"].get(TAG) == str(pid))
 
 
 def test_a_source_picked_by_name_and_a_swap_under_it_are_reported(vaudio, tiny_checkpoint, tmp_path):
