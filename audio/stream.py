@@ -51,6 +51,9 @@ KEEP_LIVE_S = 0.1  # after a skip the input path is this close to the microphone
 # A device reports an input time stamp older than this only by mistake: then only our own ring's
 # age counts.
 MAX_REPORTED_AGE_S = 60.0
+# The age a device reports for its input includes its own steady latency (a Bluetooth headset's
+# may exceed STALE_AFTER_S): only what goes beyond the lowest age reported over this window counts.
+AGE_FLOOR_WINDOW_S = 10
 # The echo canceller pairs the k-th microphone sample with the k-th played one. A stall adds
 # microphone audio (captured meanwhile) but no played audio (nothing was written meanwhile), so
 # the pairing slips by the stall. When it has slipped by more than this since the start, the
@@ -237,6 +240,7 @@ class AudioIO:
         # (clock at the last input callback, age in s of its newest sample then, mic ring index
         # after it): one tuple, replaced whole by the callback, so the reader sees one callback's
         self._newest: tuple[float, float, int] = (0.0, 0.0, 0)
+        self._age_floors: dict[int, float] = {}  # second of the clock -> lowest age reported in it
         self._in_callbacks = self._out_callbacks = 0  # to notice a device that went quiet
         self._seen_callbacks = (-1, -1)
         self._quiet_since = self._last_check = clock()
@@ -374,11 +378,6 @@ class AudioIO:
             return 0.0, 0.0
         return float(self._streams[0].latency), float(self._streams[1].latency)
 
-    @property
-    def callback_count(self) -> int:
-        """How many callbacks ran, both directions together."""
-        return self._in_callbacks + self._out_callbacks
-
     def check(self) -> bool:
         """Raise DuplexError when a device failed. A stream that stopped on its own, or a
         direction whose callbacks stopped, is reopened first (see REOPEN_LIMIT); returns True
@@ -453,12 +452,22 @@ class AudioIO:
         start = self._mic.read_count
         if end <= start:
             return 0, 0.0
-        newest = self._clock() - stamped_at + newest_age  # age of sample end - 1 by now
+        excess = max(0.0, newest_age - self._age_floor(stamped_at, newest_age))
+        newest = self._clock() - stamped_at + excess  # age of sample end - 1 by now, beyond normal
         oldest = newest + (end - 1 - start) / self.in_rate
         if oldest <= STALE_AFTER_S:
             return 0, 0.0
         keep = max(0, int((KEEP_LIVE_S - newest) * self.in_rate))
         return max(0, end - keep - start), oldest
+
+    def _age_floor(self, stamped_at: float, age: float) -> float:
+        """The lowest input age reported over the last AGE_FLOOR_WINDOW_S (this one included)."""
+        second = int(stamped_at)
+        floors = self._age_floors
+        floors[second] = min(age, floors.get(second, age))
+        for old in [k for k in floors if k <= second - AGE_FLOOR_WINDOW_S]:
+            del floors[old]
+        return min(floors.values())
 
     def _count(self, chunk: InputChunk, realign: bool) -> None:
         """Count what each side delivered; during a stall's skip, give the speaker's side the

@@ -42,7 +42,7 @@ def bare_io(clock: Clock) -> AudioIO:
     io._mic, io._played = RingBuffer(RATE * 10), RingBuffer(RATE * 10)
     io._mic_to_16k, io._played_to_16k = _Resampler(RATE, RATE), _Resampler(RATE, RATE)
     io._played_to_24k = _Resampler(RATE, RATE)
-    io._newest, io._was_skipping = (0.0, 0.0, 0), False
+    io._newest, io._was_skipping, io._age_floors = (0.0, 0.0, 0), False, {}
     io._mic_total = io._played_total = 0
     io._align_base = None
     io._in_callbacks = io._out_callbacks = 0
@@ -103,6 +103,13 @@ def test_a_backlog_the_device_reports_is_skipped_and_the_echo_reference_realigne
     slip = (io._mic_total - io._played_total) - io._align_base
     assert abs(slip) <= ALIGN_TOLERANCE_S * RATE
     assert np.all(chunk.played16[:int(0.9 * RATE)] == 0)  # silence where nothing played
+
+
+def test_a_device_that_always_reports_a_long_latency_is_not_stalled():
+    io = bare_io(Clock())
+    for _ in range(5):
+        callbacks(io, 0.2, reported_age=STALE_AFTER_S + 0.2)  # e.g. a Bluetooth headset
+        assert io.read_input().skipped == 0
 
 
 def test_ordinary_jitter_is_not_a_stall():
