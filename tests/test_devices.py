@@ -27,9 +27,61 @@ DEVICES = [
 
 @pytest.fixture
 def fake_devices(monkeypatch):
-    """Make list_devices() return DEVICES without touching PortAudio."""
+    """Make list_devices() return DEVICES without touching PortAudio, and no sound server
+    answer (whatever runs on this machine)."""
     monkeypatch.setattr(devices, "list_devices", lambda: list(DEVICES))
+    fake_pulse(monkeypatch, None)
     return DEVICES
+
+
+def fake_pulse(monkeypatch, found):
+    """Make the sound server list `found` (None: no server answers)."""
+    from duplex_chat.audio import pulse
+
+    monkeypatch.setattr(pulse, "pulse_devices", lambda snapshot=None: found)
+    monkeypatch.setattr(devices, "pulse_devices", lambda snapshot=None: found)
+
+
+def _server_devices():
+    from duplex_chat.audio.pulse import PulseDevice
+
+    return [
+        PulseDevice("input", 1, "alsa_input.usb-Blue_Yeti-00.analog-stereo", "Yeti Stereo Microphone",
+                    48000, 2, is_default=True),
+        PulseDevice("input", 2, "alsa_output.pci-0000_00_1f.3.analog-stereo.monitor",
+                    "Monitor of Built-in Audio", 44100, 2,
+                    monitor_of="alsa_output.pci-0000_00_1f.3.analog-stereo"),
+        PulseDevice("output", 3, "alsa_output.pci-0000_00_1f.3.analog-stereo", "Built-in Audio",
+                    44100, 2, is_default=True),
+        PulseDevice("output", 4, "bluez_output.AA_BB.1", "WH-1000XM4", 48000, 2),
+    ]
+
+
+def test_a_sound_server_source_is_picked_by_name_or_description(fake_devices, monkeypatch):
+    fake_pulse(monkeypatch, _server_devices())
+    by_name = find_device("pulse:alsa_input.usb-Blue_Yeti-00.analog-stereo", "input")
+    by_description = find_device("yeti", "input")  # no PortAudio device has it
+    for found in (by_name, by_description):
+        assert found.index == 4 and found.pulse_name == "alsa_input.usb-Blue_Yeti-00.analog-stereo"
+        assert found.name == found.pulse_name and found.default_samplerate == 48000
+    speaker = find_device("pulse:WH-1000XM4", "output")
+    assert speaker.pulse_name == "bluez_output.AA_BB.1" and speaker.index == 4
+    assert find_device("USB Headset Mic", "input").pulse_name == ""  # PortAudio's names first
+
+
+def test_sound_server_names_that_fail_say_why(fake_devices, monkeypatch):
+    fake_pulse(monkeypatch, _server_devices())
+    with pytest.raises(DuplexError, match="matches several sinks"):
+        find_device("pulse:_output", "output")
+    with pytest.raises(DuplexError, match="no source named like 'webcam'"):
+        find_device("pulse:webcam", "input")
+    fake_pulse(monkeypatch, None)
+    with pytest.raises(DuplexError, match="needs a PulseAudio or PipeWire server"):
+        find_device("pulse:yeti", "input")
+    fake_pulse(monkeypatch, _server_devices())
+    without_route = [d for d in DEVICES if not d.name.startswith("pulse")]
+    with pytest.raises(DuplexError, match="no 'pulse' device"):
+        find_device("pulse:yeti", "input", without_route)
 
 
 def test_empty_spec_picks_the_default_of_each_kind(fake_devices):
@@ -163,6 +215,13 @@ def test_list_devices_prints_a_table(fake_devices):
     rows = {line.split("│")[2].strip(): line for line in output.splitlines() if "│" in line}
     assert set(rows) == {d.name for d in DEVICES}
     assert "input" in rows["USB Headset Mic"] and "output" in rows["USB Headset Speaker"]
+
+
+def test_list_devices_shows_the_sound_servers_sources_and_sinks(fake_devices, monkeypatch):
+    fake_pulse(monkeypatch, _server_devices())
+    code, output = _list_devices_cli()
+    assert code == 0 and "pulse:NAME" in output
+    assert "Yeti Stereo Microphone" in output and "monitor of" in output and "WH-1000XM4" in output
 
 
 def test_list_devices_without_any_says_what_to_do(monkeypatch):
