@@ -143,3 +143,30 @@ def test_a_stall_of_this_process_is_not_a_device_gone_quiet(monkeypatch):
 def test_stream_constants_are_consistent():
     assert KEEP_LIVE_S < STALE_AFTER_S < STALL_TIMEOUT_S
     assert stream.READER_GAP_S < STALL_TIMEOUT_S
+
+
+def test_the_device_watch_reports_a_swap_a_rate_change_and_a_loop(monkeypatch):
+    """PulseWatch over a scripted server: where our streams are, one look after another."""
+    from duplex_chat.audio import pulse
+    from duplex_chat.audio.pulse import PulseWatch, StreamPlace
+
+    looks = iter([
+        {"input": StreamPlace("usb_mic", 16000), "output": StreamPlace("speakers", 48000)},
+        {"input": StreamPlace("usb_mic", 16000), "output": StreamPlace("speakers", 48000)},
+        None,  # the server did not answer once: nothing to say
+        {"input": StreamPlace("usb_mic", 16000), "output": StreamPlace("speakers", 44100)},
+        {"input": StreamPlace("speakers.monitor", 48000, monitor_of="speakers"),
+         "output": StreamPlace("speakers", 44100)},
+    ])
+    monkeypatch.setattr(pulse, "our_streams", lambda: next(looks))
+    watch = PulseWatch()
+    turns = []  # one look per turn of the watch's loop, no waiting; it stops after the script
+    monkeypatch.setattr(watch._stop, "wait", lambda period: len(turns.append(1) or turns) > 5)
+    watch._run()
+    said = [sentence for _, sentence, _ in watch.changes()]
+    assert said == [
+        "The speaker 'speakers' now runs at 44100 Hz instead of 48000 Hz.",
+        "The sound server moved the microphone from 'usb_mic' to 'speakers.monitor' (was the "
+        "device unplugged or the default changed?).",
+        "The microphone is now 'speakers.monitor', which hears our own speaker 'speakers', not you.",
+    ]
