@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # only for types: the streams import sounddevice when they op
     from duplex_chat.audio.stream import AudioIO
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
+SHOWN_TROUBLE = ("input_skipped", "device_changed")  # device trouble whose message the view shows
 # the live view's native stderr log sits beside the recording: <stamp>-stderr.log
 EVENTS_SUFFIX, NATIVE_LOG_SUFFIX = "-events.jsonl", "-stderr.log"
 
@@ -274,6 +275,8 @@ class TalkSession:
         elif isinstance(event, ev.DeviceTrouble) and event.kind == "streams_reopened":
             view.info("The audio streams stopped and were opened again; a moment of sound may "
                       "be missing.")
+        elif isinstance(event, ev.DeviceTrouble) and event.kind in SHOWN_TROUBLE and event.message:
+            view.info(event.message)  # written for the user where it is raised
 
     def _show_cut(self, event: ev.Interrupted) -> None:
         """A reply cut short keeps the words heard up to the cut; a barge-in says "interrupted",

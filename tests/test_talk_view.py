@@ -416,3 +416,15 @@ def test_the_readme_shows_the_plain_lines_as_printed():
     with TalkView(Console(file=file, width=40), plain=True) as view:
         readme_plain_scene(view)
     assert readme_block("With `--plain`").strip() == file.getvalue().strip()
+
+
+def test_skipped_input_and_a_swapped_device_are_told_in_the_view(talk):
+    """The device trouble a user should know of reaches the screen in its own words; trouble
+    without a message (counters only) stays in the log."""
+    skipped = "The microphone's audio arrived 1.2 s late (this program was held up), so 1.1 s of it was skipped."
+    swapped = "The microphone is now the speaker's own monitor."
+    talk.session.on_event(ev.DeviceTrouble(0, "input_skipped", skipped, {"skipped_samples": 1}))
+    talk.session.on_event(ev.DeviceTrouble(0, "device_changed", swapped, {"input": 1}))
+    talk.session.on_event(ev.DeviceTrouble(0, "input_skipped", "", {"skipped_samples": 1}))
+    text = talk.console.export_text()
+    assert skipped in text and swapped in text
