@@ -314,9 +314,8 @@ class Session:
         if run >= BARGE_IN_WINDOWS and self.speech is not None:
             self.speech.real = True  # it got past the echo checks: the user's, not the reply's
         self._speculate_or_take_back()
-        if (self.turn_start is not None and self.pending is None and self.speculation is None
-                and self.now > self.fed_upto):
-            self._feed()
+        if self.speculation is None:  # a speculation holds the audio back until it is decided
+            self._feed_held()
 
     def _turn_events(self, events) -> None:
         for event in events:
@@ -377,7 +376,8 @@ class Session:
         spec = self.speculation
         if spec is not None:
             # the user went on; or the pause outlasts what History keeps of the held audio
-            if pause != spec.pause or self.now - spec.since >= self.history.capacity - HELD_MARGIN_S * SAMPLE_RATE:
+            held_limit = self.history.capacity - HELD_MARGIN_S * SAMPLE_RATE
+            if pause != spec.pause or self.now - spec.since >= held_limit:
                 self._take_back()
             return
         if (self.speculate_after is not None and pause is not None and self.pending is None
@@ -397,6 +397,7 @@ class Session:
         self.worker.submit(TakeBack(spec.turn))
 
     def _feed_held(self) -> None:
+        """Feed the open turn's audio heard since the last feed (none while a cut is pending)."""
         if self.turn_start is not None and self.pending is None and self.now > self.fed_upto:
             self._feed()
 
