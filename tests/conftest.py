@@ -21,6 +21,25 @@ from duplex_chat.model.tiny import SHAPES, build_tiny_checkpoint  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def exact_float32_on_cuda(request):
+    """GPU tests hold the engine to generate() in float32, so they run in float32 for real:
+    cuDNN's default TF32 convolutions (10-bit mantissas) round differently for a vocoder or
+    audio encoder fed in chunks than for one fed in one piece, and cuDNN may pick a
+    differently rounding algorithm per shape. Off for the test, back afterwards."""
+    if request.node.get_closest_marker("gpu") is None or not torch.cuda.is_available():
+        yield
+        return
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark
+    cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = (
+        False, False, True, False)
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """shape -> (checkpoint directory, loaded bundle), each built on first use (~3 s) and kept
