@@ -12,5 +12,6 @@ def level_db(x: np.ndarray) -> float:
     at SILENCE_DB for nothing or digital silence."""
     if len(x) == 0:
         return SILENCE_DB
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    x64 = np.asarray(x, np.float64)  # a float64 sum: long quiet stretches keep their digits
+    rms = float(np.sqrt(np.dot(x64, x64) / len(x64)))
     return max(SILENCE_DB, 20.0 * np.log10(rms + 1e-10))

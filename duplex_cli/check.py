@@ -443,20 +443,18 @@ def check_echo(settings: Settings) -> list[Row]:
 
 
 def check_vad() -> list[Row]:
-    import torch
+    import numpy as np
 
-    threads = torch.get_num_threads()  # importing silero_vad sets it to 1 for the whole process
+    from duplex_chat.audio.constants import VAD_WINDOW_SAMPLES
+    from duplex_chat.audio.vad import SileroVad
+
     try:
-        from duplex_chat.audio.vad import SileroVad
-
-        SileroVad()
+        SileroVad().prob(np.zeros(VAD_WINDOW_SAMPLES, np.float32))
     except DuplexError as exc:
         return [Row("audio", "voice activity", FAIL, exc.message, exc.hint or "")]
     except Exception as exc:  # a broken install can fail in any way
-        return [Row("audio", "voice activity", FAIL, f"Silero VAD does not load ({exc})",
-                    "Reinstall it: pip install --force-reinstall silero-vad")]
-    finally:
-        torch.set_num_threads(threads)
+        return [Row("audio", "voice activity", FAIL, f"Silero VAD does not run ({exc})",
+                    "Reinstall it: pip install --force-reinstall silero-vad onnxruntime")]
     return [Row("audio", "voice activity", OK, "Silero VAD loads")]
 
 

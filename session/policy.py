@@ -56,10 +56,11 @@ class OnsetTap:
     def __init__(self, vad: SpeechProbability, threshold: float):
         self.vad, self.threshold = vad, threshold
         self.run = 0  # consecutive windows at or above threshold, up to now
-        # TorchScript optimises a model on its first calls: 25-140 ms each (more on a loaded
-        # machine) holding the GIL, so a running PortAudio callback misses its deadline. Pay that
-        # now, when the session is built before the streams start, not during a reply (it garbled
-        # playback and shifted the echo path mid-reply).
+        # A model's first calls are slow (onnxruntime sets up its kernels and buffers; the
+        # TorchScript model used before took 25-140 ms each, holding the GIL, so a running
+        # PortAudio callback missed its deadline). Pay that now, when the session is built
+        # before the streams start, not during a reply (it garbled playback and shifted the
+        # echo path mid-reply).
         silence = np.zeros(VAD_WINDOW_SAMPLES, np.float32)
         for _ in range(VAD_WARMUP_WINDOWS):
             vad.prob(silence)

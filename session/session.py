@@ -198,6 +198,14 @@ class Session:
         """A reply is in flight (asked for, not yet played out or interrupted)."""
         return self.reply is not None
 
+    @property
+    def idle(self) -> bool:
+        """Nothing is under way that a quick reaction matters to: no user turn open, no reply in
+        flight, no speech over a reply being weighed. A live caller may look less often then
+        (talk halves its loop rate: speech that starts is caught from the audio, not the clock)."""
+        return (self.reply is None and self.turn_start is None and self.pending is None
+                and self.speech is None)
+
     def start(self) -> None:
         """Start the worker (a no-op for the inline one)."""
         self.worker.start()

@@ -462,3 +462,24 @@ def test_importing_the_session_pulls_in_no_ui_or_device_library():
             "print(sorted(m for m in ('rich', 'typer', 'sounddevice') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_history_keeps_the_last_samples_across_every_wrap():
+    """The session's audio history is a ring: whatever the chunk sizes (one sample, a wrap, more
+    than it holds), `since` returns exactly the samples a plain list would, clipped to capacity;
+    before the first sample it reads silence, as the session's first turn expects."""
+    from duplex_chat.session.bargein import History
+
+    history = History(seconds=0.01)  # 160 samples
+    rng = np.random.default_rng(0)
+    everything = np.zeros(history.capacity, np.float32)  # the silence it starts with
+    for n in [1, 159, 7, 160, 0, 333, 50, 110, 1, 400, *rng.integers(0, 200, 40)]:
+        chunk = rng.standard_normal(n).astype(np.float32)
+        history.append(chunk)
+        everything = np.concatenate([everything, chunk])
+        assert history.total == len(everything) - history.capacity
+        for back in (0, 1, 17, 159, 160, 161, 1000):
+            expected = everything[len(everything) - min(back, history.capacity):]
+            assert np.array_equal(history.since(history.total - back), expected), (n, back)
+    assert len(history.since(-5)) == history.capacity
+    assert len(history.since(history.total + 3)) == 0

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from duplex_chat.cli.talk import LOOP_PERIOD_S
+
 from .fake_engine import Reply, ScriptedConversation, chirp, factory_for
 from .talk_harness import (
     MIN_MATCH,
@@ -93,12 +95,14 @@ def test_barge_in_stops_playback_and_starts_new_turn(vaudio, tmp_path):
     # up to ~150 ms before that in energy terms (reported, not asserted).
     onset = barge["onset_sample"]
     device_ms = 1000 * (in_latency + out_latency)
-    reaction_ms = (barge["detect_sample"] - onset) / 16 + device_ms + 10
+    loop_ms = 1000 * LOOP_PERIOD_S  # at most this long until the control loop reads the mic
+    reaction_ms = (barge["detect_sample"] - onset) / 16 + device_ms + loop_ms
     mic = sf.read(next(result.record_dir.glob("*-mic.wav")), dtype="float32")[0]
     energy_onset = _onset_after(mic, barge["detect_sample"] - 8000)
     print(f"\nbarge-in: VAD onset -> playback silenced in {reaction_ms:.0f} ms (detection "
           f"{(barge['detect_sample'] - onset) / 16:.0f} ms + device latencies {device_ms:.0f} ms + "
-          f"loop 10 ms); from energy onset {(barge['detect_sample'] - energy_onset) / 16 + device_ms + 10:.0f} ms; "
+          f"loop {loop_ms:.0f} ms); from energy onset "
+          f"{(barge['detect_sample'] - energy_onset) / 16 + device_ms + loop_ms:.0f} ms; "
           f"heard {heard_s:.2f} s")
     assert reaction_ms < BARGE_IN_BOUND_MS
     # The new user turn keeps the speech that interrupted: it starts before the detected onset.

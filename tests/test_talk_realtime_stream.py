@@ -1,8 +1,10 @@
 """AudioIO's bookkeeping without devices: stale microphone audio after a stall, the echo
-reference kept paired, and the difference between this process stalling and a device gone quiet."""
+reference kept paired, and the difference between this process stalling and a device gone quiet;
+the device watch over a scripted sound server."""
 
 from __future__ import annotations
 
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -159,6 +161,7 @@ def test_the_device_watch_reports_a_swap_a_rate_change_and_a_loop(monkeypatch):
          "output": StreamPlace("speakers", 44100)},
     ])
     monkeypatch.setattr(pulse, "our_streams", lambda: next(looks))
+    monkeypatch.setattr(pulse.ServerEvents, "open", classmethod(lambda cls: None))  # polls
     watch = PulseWatch()
     turns = []  # one look per turn of the watch's loop, no waiting; it stops after the script
     monkeypatch.setattr(watch._stop, "wait", lambda period: len(turns.append(1) or turns) > 5)
@@ -170,3 +173,66 @@ def test_the_device_watch_reports_a_swap_a_rate_change_and_a_loop(monkeypatch):
         "device unplugged or the default changed?).",
         "The microphone is now 'speakers.monitor', which hears our own speaker 'speakers', not you.",
     ]
+
+
+def _events_from(script: str):
+    """ServerEvents over a shell script standing in for `pactl subscribe`."""
+    import subprocess
+
+    from duplex_chat.audio.pulse import ServerEvents
+
+    return ServerEvents(subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE))
+
+
+def test_server_events_tell_device_and_stream_changes_not_clients():
+    events = _events_from(
+        "echo \"Event 'new' on client #5\"; echo \"Event 'remove' on client #5\"; sleep 0.3; "
+        "echo \"Event 'change' on source-output #7\"; sleep 0.05; "
+        "echo \"Event 'change' on sink #0\"; sleep 0.6; exec sleep 30")
+    try:
+        assert events.wait(0.2) is False  # pactl's own calls show up as clients: nothing
+        started = time.monotonic()
+        assert events.wait(5.0) is True  # the stream's move and the sink's change: one burst
+        assert time.monotonic() - started < 0.6  # told once the burst settled, not at the end
+        assert events.wait(0.1) is False
+        events.stop()
+        assert events.wait(5.0) is None  # pactl is gone: the watch falls back to polling
+    finally:
+        events.close()
+
+
+def test_the_device_watch_looks_when_the_server_tells_and_polls_when_it_cannot(monkeypatch):
+    from duplex_chat.audio import pulse
+    from duplex_chat.audio.pulse import PulseWatch, StreamPlace
+
+    mic, spk = StreamPlace("usb_mic", 16000), StreamPlace("speakers", 48000)
+    moved = StreamPlace("hdmi.monitor", 48000, monitor_of="hdmi")
+    # looks: the first, after the change, after the quiet recheck, when the subscription ended,
+    # and one more after a poll
+    looks = iter([{"input": mic, "output": spk}] + [{"input": moved, "output": spk}] * 4)
+    monkeypatch.setattr(pulse, "our_streams", lambda: next(looks))
+
+    class Told:  # the server's word, scripted: a change, a quiet recheck, then gone
+        def __init__(self):
+            self.said, self.closed = [True, False, None], 0
+
+        def wait(self, timeout_s):
+            return self.said.pop(0)
+
+        def stop(self):
+            pass
+
+        def close(self):
+            self.closed += 1
+
+    told = Told()
+    monkeypatch.setattr(pulse.ServerEvents, "open", classmethod(lambda cls: told))
+    watch = PulseWatch()
+    polls = []  # the first look's wait, then the polling after the subscription ended
+    monkeypatch.setattr(watch._stop, "wait", lambda period: len(polls.append(period) or polls) > 2)
+    watch._run()
+    assert told.said == [] and told.closed >= 1
+    assert polls == [pulse.WATCH_PERIOD_S] * 3
+    said = [sentence for _, sentence, _ in watch.changes()]
+    assert said == ["The sound server moved the microphone from 'usb_mic' to 'hdmi.monitor' (was "
+                    "the device unplugged or the default changed?)."]

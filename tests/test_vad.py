@@ -192,8 +192,9 @@ def test_silero_probabilities_are_reproducible_after_reset():
         vad.prob(np.zeros(480, np.float32))
 
 
-def test_loading_silero_keeps_the_torch_thread_count(monkeypatch):
-    # Import silero_vad afresh: its import sets torch's threads to 1 unless we restore them.
+def test_loading_silero_leaves_torch_alone(monkeypatch):
+    # Importing the silero_vad package sets torch's threads to 1 for the whole process (and loads
+    # its TorchScript model); SileroVad only finds the package's ONNX file, never imports it.
     import torch
 
     for name in [m for m in sys.modules if m == "silero_vad" or m.startswith("silero_vad.")]:
@@ -201,41 +202,47 @@ def test_loading_silero_keeps_the_torch_thread_count(monkeypatch):
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(3)
-        vad = SileroVad()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            vad = SileroVad()
+            vad.prob(np.zeros(W, np.float32))
+        assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
         assert torch.get_num_threads() == 3
-        vad.prob(np.zeros(W, np.float32))  # runs on one thread, then restores
-        assert torch.get_num_threads() == 3
+        assert "silero_vad" not in sys.modules
     finally:
         torch.set_num_threads(threads)
 
 
-def test_loading_silero_prints_no_warning_yet_lets_others_through(monkeypatch):
-    # silero-vad loads its model with torch.jit.load; from torch 2.14 its deprecation is a
-    # FutureWarning, which Python prints on every command's stderr unless SileroVad hides it.
-    import silero_vad
+@requires_espeak
+def test_onnx_probabilities_are_the_torchscript_models(monkeypatch):
+    """The ONNX export is the network silero-vad's own TorchScript model runs: the same
+    probabilities on speech and pauses, window by window with the state carried."""
+    import torch
+    from silero_vad import load_silero_vad
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.load's deprecation, not ours
+        reference = load_silero_vad()
+    torch.set_num_threads(threads)  # the import set it to 1
+    speech, _ = sentences_with_pauses(SENTENCES[:2], pause_s=0.4, lead_s=0.2)
+    windows = speech[: len(speech) // W * W].reshape(-1, W)
+    vad = SileroVad()
+    ours = np.array([vad.prob(w) for w in windows])
+    with torch.no_grad():
+        theirs = np.array([reference(torch.from_numpy(w.copy()), 16_000).item() for w in windows])
+    assert ours.max() > 0.9 and ours.min() < 0.1
+    assert np.max(np.abs(ours - theirs)) < 1e-5  # float32 rounding of the same graph: 4e-6 seen
+
+
+def test_a_broken_silero_install_is_a_duplex_error(monkeypatch, tmp_path):
+    from duplex_chat.audio import vad as vad_module
+
+    monkeypatch.setattr(vad_module, "SILERO_ONNX_FILE", "no-such-model.onnx")
+    with pytest.raises(DuplexError, match="The Silero VAD model .*no-such-model.onnx is missing"):
         SileroVad()
-    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
-
-    real = silero_vad.load_silero_vad
-
-    def load_with_another_warning():
-        warnings.warn("an unexpected warning while loading", FutureWarning)
-        return real()
-
-    monkeypatch.setattr(silero_vad, "load_silero_vad", load_with_another_warning)
-    with pytest.warns(FutureWarning, match="an unexpected warning while loading"):
-        SileroVad()
-
-
-def test_a_broken_silero_install_is_a_duplex_error(monkeypatch):
-    import silero_vad
-
-    def broken():
-        raise RuntimeError("file not found: silero_vad.jit")
-
-    monkeypatch.setattr(silero_vad, "load_silero_vad", broken)
+    damaged = tmp_path / "silero_vad.onnx"
+    damaged.write_bytes(b"not a model")
+    monkeypatch.setattr(vad_module, "silero_model_path", lambda: damaged)
     with pytest.raises(DuplexError, match="Could not load the Silero VAD model"):
         SileroVad()
