@@ -1,7 +1,8 @@
 """`talk` stays real time: a real `duplex-chat talk` process on the tiny model (audible: its vocoder
 speaks at speech level), driven through the virtual devices (tests/virtual_audio.py) and watched
-from outside, as a user would: stopped with SIGSTOP, its CPU read from /proc, a device swapped
-under it with pactl. Latencies are measured on the speaker's monitor, on the test's own clock.
+from outside, as a user would: stopped with SIGSTOP, starved by a CPU hog, its CPU read from
+/proc, a device swapped under it with pactl. Latencies are measured on the speaker's monitor, on
+the test's own clock.
 """
 
 from __future__ import annotations
@@ -27,19 +28,20 @@ pytestmark = pytest.mark.audio_devices
 START_TIMEOUT_S = 90.0  # loading the tiny model and the VADs in a fresh process
 STALL_S = 1.0
 LONG_STALL_S = 2.0  # longer than audio/stream.py's STALL_TIMEOUT_S (1.5 s)
-# The issue's bound: after a stall, replies and barge-ins come as fast as before it, give or take
-# what the loopback and a 2-core machine vary by between turns (seen: 0.05-0.15 s).
+HOG_S = 3.0  # every core busy with another process
+# The issue's bound: after a stall or a CPU hog, replies and barge-ins come as fast as before,
+# give or take what the loopback and a 2-core machine vary by between turns (seen: 0.05-0.15 s).
 RECOVERED_WITHIN_S = 0.3
 REPLY_S = 4  # SCA_QWEN_MAX_REPLY_SECONDS: long enough to be interrupted 1 s in
 LOUD = 0.02  # a reply sample: the tiny vocoder speaks at about -20 dBFS
 QUIET = 0.005  # the speaker is silent: below this for SILENT_S
 SILENT_S = 0.1
-# Idle CPU, read from /proc over IDLE_WINDOW_S. The goal in the README is 10 % of a core; this
-# bound only catches a spinning thread (PortAudio's wait loop took 99 % after a stall), with room
-# for a loaded CI machine, because idle talk measures 13-20 % here today (README, "talk").
+# Idle CPU, read from /proc over IDLE_WINDOW_S. Idle talk measures 8-10 % of a core here (README,
+# "talk"; the goal is 10 %); the bound leaves room for a loaded CI machine and still catches a
+# spinning thread (PortAudio's wait loop took 99 % after a stall).
 IDLE_WINDOW_S = 5.0
-IDLE_CPU_BOUND = 0.35
-SWAP_NOTICE_S = 5.0  # PulseWatch looks every second
+IDLE_CPU_BOUND = 0.25
+SWAP_NOTICE_S = 5.0  # PulseWatch looks 0.2 s after the server tells of a move (1 s where it polls)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +78,10 @@ class TalkProcess:
         return Path(self.out.name).read_text()
 
     def cpu_s(self) -> float:
-        """CPU seconds the process used so far (all threads, user and system)."""
+        """CPU seconds the process used so far: all threads, user and system, and its finished
+        children's (the device watch's `pactl` calls)."""
         fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
     def cpu_share(self, seconds: float) -> float:
         """Share of one core used over the next `seconds`."""
@@ -151,39 +154,69 @@ def silenced(recorded: np.ndarray, after_s: float) -> float:
     return found[0] / TEST_RATE
 
 
-def test_replies_and_barge_in_are_as_fast_after_a_stall(vaudio, tiny_checkpoint, tmp_path):
+class CpuHog:
+    """A busy process per core at the test's own priority, while inside: `talk` gets its fair
+    share of the CPU and no more, as on a desktop compiling something."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self) -> None:
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                      for _ in range(os.cpu_count() or 2)]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+        self.procs = []
+
+
+def test_replies_and_barge_in_are_as_fast_after_a_stall_and_a_cpu_hog(vaudio, tiny_checkpoint,
+                                                                     tmp_path):
+    """Three rounds of a question and a barge-in over its reply: healthy, after a 1 s SIGSTOP,
+    and after HOG_S of every core busy with other work. The later rounds must be as fast as the
+    first: nothing that piled up during the trouble may linger."""
     question = espeak("Hello there, what is the weather like today?")
     stop = espeak("Stop, stop, wait a moment.", voice="en+f3")
     phase_s, stall_at = 13.0, 13.5
-    script = np.zeros(int((2 * phase_s + 3.0) * TEST_RATE), np.float32)
+    hog_from = 2 * phase_s + 0.5  # while the second round's last reply may still play
+    bases = (0.5, phase_s + 2.5, hog_from + HOG_S + 1.0)
+    script = np.zeros(int((bases[-1] + phase_s) * TEST_RATE), np.float32)
     marks = []  # (end of the question, start of the barge-in), seconds
-    for base in (0.5, phase_s + 2.5):
+    for base in bases:
         q_end = base + len(question) / TEST_RATE
         barge = q_end + 2.2  # the reply (about 1 s after the question) has played for ~1 s
         for at, audio in ((base, question), (barge, stop)):
             script[int(at * TEST_RATE):int(at * TEST_RATE) + len(audio)] = audio
         marks.append((q_end, barge))
 
-    talk = TalkProcess(tiny_checkpoint, tmp_path / "rec")
+    talk, hog = TalkProcess(tiny_checkpoint, tmp_path / "rec"), CpuHog()
     try:
-        recorded = play(script, {stall_at: talk.stall})
+        recorded = play(script, {stall_at: talk.stall, hog_from: hog.start,
+                                 hog_from + HOG_S: hog.stop})
     finally:
+        hog.stop()
         code = talk.stop()
     log = talk.log()
-    (before_q, before_b), (after_q, after_b) = marks
-    healthy = first_loud(recorded, before_q), silenced(recorded, before_b)
-    stalled = first_loud(recorded, after_q), silenced(recorded, after_b)
-    print(f"\nbefore the {STALL_S:.0f} s stall: reply {healthy[0]:.2f} s after the question, "
-          f"barge-in silenced it in {healthy[1]:.2f} s; after: {stalled[0]:.2f} s, {stalled[1]:.2f} s; "
-          f"skipped: {[e for e in log if e['type'] == 'input_skipped']}")
+    rounds = [(first_loud(recorded, q), silenced(recorded, b)) for q, b in marks]
+    healthy, stalled, hogged = rounds
+    skips = [e for e in log if e["type"] == "input_skipped"]
+    print(f"\nreply after the question, barge-in silencing it: healthy {healthy[0]:.2f} s, "
+          f"{healthy[1]:.2f} s; after a {STALL_S:.0f} s stall {stalled[0]:.2f} s, "
+          f"{stalled[1]:.2f} s; after {HOG_S:.0f} s of a CPU hog {hogged[0]:.2f} s, "
+          f"{hogged[1]:.2f} s; skipped: {skips}")
     assert code == 0, talk.output()[-2000:]
     assert not [e for e in log if e["type"] == "error"]
-    assert healthy[0] < 2.5 and healthy[1] < 1.0  # the first phase worked at all
-    assert abs(stalled[0] - healthy[0]) < RECOVERED_WITHIN_S
-    assert abs(stalled[1] - healthy[1]) < RECOVERED_WITHIN_S
-    skips = [e for e in log if e["type"] == "input_skipped"]
-    assert len(skips) == 1 and skips[0]["late_ms"] > 0.5 * 1000 * STALL_S, skips
-    assert len([e for e in log if e["type"] == "barge_in"]) == 2
+    assert healthy[0] < 2.5 and healthy[1] < 1.0  # the first round worked at all
+    for after in (stalled, hogged):
+        assert abs(after[0] - healthy[0]) < RECOVERED_WITHIN_S
+        assert abs(after[1] - healthy[1]) < RECOVERED_WITHIN_S
+    # The log's clock starts a little before the script's: the stall's skip, and no other
+    # before the hog (during it, talk may be held up long enough to skip again, and says so).
+    before_hog = [e for e in skips if e["t"] < hog_from]
+    assert len(before_hog) == 1 and before_hog[0]["late_ms"] > 0.5 * 1000 * STALL_S, skips
+    assert len([e for e in log if e["type"] == "barge_in"]) == 3
 
 
 def test_idle_cpu_stays_low_before_and_after_a_stall(vaudio, tiny_checkpoint, tmp_path):
