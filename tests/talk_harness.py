@@ -65,6 +65,8 @@ class Result:
     log: list[dict]  # the session's JSONL
     record_dir: Path
     error: BaseException | None
+    loopback_s: float = 0.0  # the test stream's own latencies, in + out: what talk cannot see
+
 
     def events(self, kind: str) -> list[dict]:
         return [e for e in self.log if e["type"] == kind]
@@ -130,6 +132,7 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
         recorded[:] = 0.0
 
     stream = _open_test_stream(sd, callback, rewind)
+    loopback_s = sum(stream.latency)
     try:
         if during is not None:
             during(thread)
@@ -144,7 +147,8 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
     stop.set()
     thread.join(15)
     assert not thread.is_alive(), "talk session did not stop"
-    return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None)
+    return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None,
+                  loopback_s)
 
 
 def _open_test_stream(sd, callback, rewind):
