@@ -213,15 +213,13 @@ def _shorter_context_cards(settings: Settings, config: dict, dtype: str, quantiz
 
 def fp8_unsupported(gpu: GpuState, index: int) -> str | None:
     """Why fp8 cannot run on GPU `index` (its compute capability is below 8.9), or None."""
-    from duplex_chat.model.footprint import FP8_MIN_CAPABILITY
+    from duplex_chat.model.footprint import fp8_refusal
 
     cc = gpu.capability_of(index) if gpu.cuda else None
-    if cc is None or cc >= FP8_MIN_CAPABILITY:
+    if cc is None:
         return None
-    need = ".".join(map(str, FP8_MIN_CAPABILITY))
-    name = gpu.names[index] if index < len(gpu.names) else f"GPU {index}"
-    return (f"fp8 weights run on compute capability {need} or newer only (Ada, Hopper, Blackwell); "
-            f"GPU {index} ({name}) is {cc[0]}.{cc[1]}")
+    name = f"GPU {index} ({gpu.names[index]})" if index < len(gpu.names) else f"GPU {index}"
+    return fp8_refusal(cc, name)
 
 
 def _fp8_row(settings: Settings, gpu: GpuState, fmt) -> Row | None:

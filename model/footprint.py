@@ -134,6 +134,16 @@ QUANTIZE_MODES = ("none", *QUANTIZE_FORMATS)  # = config.settings.QUANTIZE_MODES
 FP8_MIN_CAPABILITY = (8, 9)
 
 
+def fp8_refusal(capability: tuple[int, int], gpu: str) -> str | None:
+    """Why FP8 weights cannot run on `gpu` (how the sentence names it) of compute capability
+    `capability`, or None when they can. `check` and the loader both say it this way."""
+    if tuple(capability) >= FP8_MIN_CAPABILITY:
+        return None
+    need = ".".join(map(str, FP8_MIN_CAPABILITY))
+    return (f"FP8 weights run on compute capability {need} or newer only (Ada, Hopper, "
+            f"Blackwell); {gpu} is {capability[0]}.{capability[1]}")
+
+
 def checkpoint_format(config: Mapping[str, Any]) -> WeightFormat | None:
     """A pre-quantized checkpoint's `WeightFormat` from its config.json `quantization_config`
     (compressed-tensors, as llm-compressor writes it), or None for a checkpoint in 16 bit.

@@ -16,7 +16,7 @@ import torch
 from duplex_chat.config import DuplexError, QwenSettings
 
 from .checkpoint import inspect_checkpoint
-from .footprint import FP8_MIN_CAPABILITY, cache_for, gpu_bytes, looks_like_path
+from .footprint import FP8_MIN_CAPABILITY, cache_for, fp8_refusal, gpu_bytes, looks_like_path
 from .footprint import resolve_dtype as footprint_dtype
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -214,12 +214,10 @@ def _drop_vision(model) -> None:
 def fp8_problem(device: torch.device) -> str | None:
     """Why FP8 weights cannot run on `device`, or None if they can."""
     if device.type != "cuda":
-        return f"FP8 weights run on a CUDA GPU of compute capability 8.9 or newer only, not {device}"
-    major, minor = torch.cuda.get_device_capability(device)
-    if (major, minor) < FP8_MIN_CAPABILITY:
-        return (f"FP8 weights run on compute capability 8.9 or newer only (Ada, Hopper, "
-                f"Blackwell); {torch.cuda.get_device_name(device)} is {major}.{minor}")
-    return None
+        need = ".".join(map(str, FP8_MIN_CAPABILITY))
+        return (f"FP8 weights run on a CUDA GPU of compute capability {need} or newer only, "
+                f"not {device}")
+    return fp8_refusal(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
 
 
 def weight_quantization(settings: QwenSettings, raw_config: dict, device: torch.device):

@@ -502,7 +502,10 @@ def test_probe_gpu_reads_the_compute_capability(monkeypatch):
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (23 * GIB, 24 * GIB))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
     gpu = check.probe_gpu()
-    assert gpu.capability == ((8, 6),) and check.fp8_unsupported(gpu, 0)
+    assert gpu.capability == ((8, 6),)
+    assert check.fp8_unsupported(gpu, 0) == (  # the loader's sentence (footprint.fp8_refusal)
+        "FP8 weights run on compute capability 8.9 or newer only (Ada, Hopper, Blackwell); "
+        "GPU 0 (NVIDIA GeForce RTX 3090) is 8.6")
     assert check.fp8_unsupported(_fake_gpu((8, 9)), 0) is None
     assert check.fp8_unsupported(_fake_gpu((9, 0)), 0) is None
 
