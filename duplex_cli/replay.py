@@ -102,6 +102,9 @@ class TurnRecord:
     reply_start_s: float | None = None  # its first sample would be heard ("would be heard at")
     heard_latency_s: float | None = None  # end_of_speech_s -> reply_start_s (ReplyAudible's)
     latency_modelled: bool = True  # the first packet's time is MODELED_FIRST_PACKET_S, not measured
+    # A speculative start at the pause from here (turn.speculate_ms) made the first packet before
+    # the turn was decided; None when the reply was started at the decision.
+    speculated_from_s: float | None = None
     reply_s: float = 0.0  # seconds of the reply heard (all of it, unless interrupted)
     interrupted_s: float | None = None  # when the user barged in, if they did
     heard_text: str | None = None  # what history kept of an interrupted reply
@@ -327,13 +330,17 @@ def _timing_lines(r: TurnRecord) -> list[str]:
     else:
         how = "modelled" if r.latency_modelled else "measured"
         decided = r.turn_decided_s - r.end_of_speech_s
-        packet = r.first_packet_ready_s - r.reply_requested_s
+        if r.speculated_from_s is not None:  # its packet was there when the turn was decided
+            packet = (f"first packet made during the pause, from "
+                      f"{_span(r.speculated_from_s - r.end_of_speech_s)} after the end of speech")
+        else:
+            packet = f"first packet {_span(r.first_packet_ready_s - r.reply_requested_s)}"
         heard = (f"heard from {_clock(r.reply_start_s)}, {_span(r.heard_latency_s)} after the "
                  "end of speech")
         if r.queued_s > 0:
             heard += f": it waited {_span(r.queued_s)} for the previous reply to end"
         lines = [f"reply ready {_span(r.ready_latency_s)} after the end of speech (turn decided "
-                 f"{_span(decided)}, first packet {_span(packet)}, {how})", heard]
+                 f"{_span(decided)}, {packet}, {how})", heard]
     if r.interrupted_s is not None:
         lines.append(f"interrupted at {_clock(r.interrupted_s)} after {r.reply_s:.1f} s, kept "
                      f"{r.heard_text!r}")
@@ -408,7 +415,7 @@ class JsonPrinter:
                    ready_latency_s=_round(r.ready_latency_s),
                    heard_latency_s=_round(r.heard_latency_s),
                    first_packet_timing="modelled" if r.latency_modelled else "measured",
-                   reply_s=r.reply_s, interrupted_s=r.interrupted_s, heard_text=r.heard_text,
+                   speculated_from_s=r.speculated_from_s, reply_s=r.reply_s, interrupted_s=r.interrupted_s, heard_text=r.heard_text,
                    stages=_rounded(r.stages))
 
     def note(self, message: str) -> None:
@@ -562,6 +569,8 @@ class ReplaySession:
         record = TurnRecord(event.turn, event.start_sample / SAMPLE_RATE,
                             event.end_sample / SAMPLE_RATE, decided / SAMPLE_RATE,
                             event.sample / SAMPLE_RATE, latency_modelled=not self.measured_latency)
+        if event.speculated_from is not None:
+            record.speculated_from_s = event.speculated_from / SAMPLE_RATE
         self.records.append(record)
         self.printer.turn_started(record)
 

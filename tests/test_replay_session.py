@@ -213,3 +213,9 @@ def test_the_summary_counts_the_speculative_starts(capsys):
     # the speculated reply sounds at the decision: the modelled first packet was made in the pause
     (record,) = session.records
     assert record.reply_start_s == pytest.approx(record.turn_decided_s, abs=1e-3)
+    assert record.end_of_speech_s < record.speculated_from_s < record.turn_decided_s
+    lines = io.StringIO()
+    Printer(Console(file=lines, width=200)).turn_finished(record)
+    assert "first packet made during the pause, from 160 ms after the end of speech" in (
+        lines.getvalue())
+    assert "first packet 0 ms" not in lines.getvalue()
