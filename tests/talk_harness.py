@@ -2,7 +2,8 @@
 
 `run_conversation` starts `talk_session` on a thread with a scripted Conversation, then plays a
 "user" script (24 kHz) into the virtual microphone while recording the virtual speaker, on one
-duplex test stream so both share a clock. With `echo_gain` the recorded speaker signal is mixed
+duplex test stream so both share a clock (`ScriptStream`, which tests of a `talk` process use
+too). With `echo_gain` the recorded speaker signal is mixed
 back into the microphone (an acoustic echo, delayed by ECHO_DELAY_SAMPLES and the loopback itself).
 """
 
@@ -88,14 +89,67 @@ def _wait_started(record_dir: Path, thread: threading.Thread) -> None:
     raise AssertionError("talk session did not start")
 
 
+class ScriptStream:
+    """The test's own duplex stream, while inside: plays `script` (24 kHz) into the virtual
+    microphone and records the virtual speaker on the same clock (the callback's sample count),
+    into `recorded`. With `echo_gain` what the speaker played is mixed back into the microphone
+    ECHO_DELAY_SAMPLES later, on top of the loopback's own lag (an acoustic echo).
+    `loopback_s`: the stream's own reported latencies, in + out, part of every latency measured
+    through it."""
+
+    def __init__(self, script: np.ndarray, echo_gain: float = 0.0):
+        self.script, self.echo_gain = script, echo_gain
+        self.recorded = np.zeros(len(script), np.float32)
+        self.pos = 0  # script samples played (the callback's thread writes it)
+        self.loopback_s = 0.0
+        self._stream = None
+
+    def __enter__(self) -> "ScriptStream":
+        import sounddevice as sd
+
+        self._stream = _open_test_stream(sd, self._callback, self._rewind)
+        self.loopback_s = sum(self._stream.latency)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stream.close()
+
+    @property
+    def played_s(self) -> float:
+        return self.pos / TEST_RATE
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.script)
+
+    @property
+    def active(self) -> bool:
+        return self._stream.active
+
+    def _callback(self, indata, outdata, frames, time_info, status) -> None:
+        p, script, recorded = self.pos, self.script, self.recorded
+        n = max(0, min(frames, len(script) - p))
+        recorded[p:p + n] = indata[:n, 0]
+        outdata[:] = 0
+        outdata[:n, 0] = script[p:p + n]
+        # the echo: a fixed delay whatever the block size (PortAudio's vary after an underrun)
+        if self.echo_gain:
+            d = ECHO_DELAY_SAMPLES
+            first = min(n, max(0, d - p))  # nothing recorded yet to repeat
+            outdata[first:n, 0] += self.echo_gain * recorded[p + first - d:p + n - d]
+        self.pos = p + frames
+
+    def _rewind(self) -> None:  # a failed start may have run a few callbacks
+        self.pos = 0
+        self.recorded[:] = 0.0
+
+
 def run_conversation(settings, conversation_factory, script: np.ndarray, echo_gain: float = 0.0,
                      console=None, tail_s: float = 0.0, during=None) -> Result:
     """Play `script` (24 kHz) as the user; return what the speaker played and the session log.
 
     `during(session_thread)` runs after the script started (e.g. to unplug a device).
     """
-    import sounddevice as sd
-
     from duplex_chat.cli.talk import talk_session
 
     stop = threading.Event()
@@ -112,43 +166,21 @@ def run_conversation(settings, conversation_factory, script: np.ndarray, echo_ga
     record_dir = Path(settings.ui.record_dir)
     _wait_started(record_dir, thread)
     script = np.concatenate([script, np.zeros(int(tail_s * TEST_RATE), np.float32)])
-    recorded = np.zeros(len(script), np.float32)
-    pos = [0]
-
-    def callback(indata, outdata, frames, time_info, status) -> None:
-        p = pos[0]
-        n = max(0, min(frames, len(script) - p))
-        recorded[p:p + n] = indata[:n, 0]
-        outdata[:] = 0
-        outdata[:n, 0] = script[p:p + n]
-        if echo_gain:  # a fixed delay whatever the block size (PortAudio's vary after an underrun)
-            d = ECHO_DELAY_SAMPLES
-            first = min(n, max(0, d - p))  # nothing recorded yet to repeat
-            outdata[first:n, 0] += echo_gain * recorded[p + first - d:p + n - d]
-        pos[0] = p + frames
-
-    def rewind() -> None:  # a failed start may have run a few callbacks
-        pos[0] = 0
-        recorded[:] = 0.0
-
-    stream = _open_test_stream(sd, callback, rewind)
-    loopback_s = sum(stream.latency)
-    try:
+    with ScriptStream(script, echo_gain) as player:
         if during is not None:
             during(thread)
         deadline = time.monotonic() + len(script) / TEST_RATE + SCRIPT_MARGIN_S
-        while pos[0] < len(script) and thread.is_alive():
-            if not stream.active or time.monotonic() > deadline:
+        while not player.done and thread.is_alive():
+            if not player.active or time.monotonic() > deadline:
                 stop.set()
-                raise AssertionError(f"the test's own audio stream stopped at {pos[0] / TEST_RATE:.2f} s")
+                raise AssertionError(
+                    f"the test's own audio stream stopped at {player.played_s:.2f} s")
             time.sleep(0.02)
-    finally:
-        stream.close()
     stop.set()
     thread.join(15)
     assert not thread.is_alive(), "talk session did not stop"
-    return Result(recorded, read_log(record_dir), record_dir, error[0] if error else None,
-                  loopback_s)
+    return Result(player.recorded, read_log(record_dir), record_dir, error[0] if error else None,
+                  player.loopback_s)
 
 
 def _open_test_stream(sd, callback, rewind):

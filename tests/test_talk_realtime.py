@@ -20,7 +20,7 @@ import pytest
 
 from duplex_chat.audio.pulse import TAG
 
-from .talk_harness import TEST_RATE, _open_test_stream, espeak, read_log
+from .talk_harness import TEST_RATE, ScriptStream, espeak, read_log
 from .virtual_audio import virtual_audio_or_skip
 
 pytestmark = pytest.mark.audio_devices
@@ -109,35 +109,14 @@ def play(script: np.ndarray, at: dict[float, callable] | None = None) -> tuple[n
     """Play `script` (24 kHz) into the virtual microphone, record the virtual speaker on the same
     clock, and call each `at[t]()` once the script has played t seconds. Returns the recording
     and the test stream's own latencies (in + out, seconds: part of every latency measured)."""
-    import sounddevice as sd
-
-    recorded = np.zeros(len(script), np.float32)
-    pos = [0]
-
-    def callback(indata, outdata, frames, time_info, status) -> None:
-        p = pos[0]
-        n = max(0, min(frames, len(script) - p))
-        recorded[p:p + n] = indata[:n, 0]
-        outdata[:] = 0
-        outdata[:n, 0] = script[p:p + n]
-        pos[0] = p + frames
-
-    def rewind() -> None:
-        pos[0] = 0
-        recorded[:] = 0.0
-
-    stream = _open_test_stream(sd, callback, rewind)
-    loopback_s = sum(stream.latency)
     pending = sorted((at or {}).items())
-    try:
-        while pos[0] < len(script):
-            assert stream.active, f"the test's own audio stream stopped at {pos[0] / TEST_RATE:.2f} s"
-            while pending and pos[0] / TEST_RATE >= pending[0][0]:
+    with ScriptStream(script) as player:
+        while not player.done:
+            assert player.active, f"the test's own audio stream stopped at {player.played_s:.2f} s"
+            while pending and player.played_s >= pending[0][0]:
                 pending.pop(0)[1]()
             time.sleep(0.01)
-    finally:
-        stream.close()
-    return recorded, loopback_s
+    return player.recorded, player.loopback_s
 
 
 def first_loud(recorded: np.ndarray, after_s: float) -> float:
