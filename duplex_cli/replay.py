@@ -415,7 +415,8 @@ class JsonPrinter:
                    ready_latency_s=_round(r.ready_latency_s),
                    heard_latency_s=_round(r.heard_latency_s),
                    first_packet_timing="modelled" if r.latency_modelled else "measured",
-                   speculated_from_s=r.speculated_from_s, reply_s=r.reply_s, interrupted_s=r.interrupted_s, heard_text=r.heard_text,
+                   speculated_from_s=r.speculated_from_s, reply_s=r.reply_s,
+                   interrupted_s=r.interrupted_s, heard_text=r.heard_text,
                    stages=_rounded(r.stages))
 
     def note(self, message: str) -> None:
@@ -561,15 +562,14 @@ class ReplaySession:
     def _committed(self, event: TurnCommitted) -> None:
         """The reply is asked for. The turn was decided when its speech's end was known, which
         is earlier when the previous reply was still playing (speech that did not barge in)."""
-        if event.speculated_from is not None:  # started at the pause: ready sooner
-            self.player.speculated_from(event.speculated_from, None if event.speculation_ms is None
-                                        else event.speculation_ms / 1000)
         decided = self._decided.pop(event.end_sample, event.sample)
         self._decided.clear()
         record = TurnRecord(event.turn, event.start_sample / SAMPLE_RATE,
                             event.end_sample / SAMPLE_RATE, decided / SAMPLE_RATE,
                             event.sample / SAMPLE_RATE, latency_modelled=not self.measured_latency)
-        if event.speculated_from is not None:
+        if event.speculated_from is not None:  # started at the pause: ready sooner
+            self.player.speculated_from(event.speculated_from, None if event.speculation_ms is None
+                                        else event.speculation_ms / 1000)
             record.speculated_from_s = event.speculated_from / SAMPLE_RATE
         self.records.append(record)
         self.printer.turn_started(record)

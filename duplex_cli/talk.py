@@ -27,6 +27,7 @@ from rich.table import Table
 
 from duplex_chat.audio.constants import SAMPLE_RATE
 from duplex_chat.audio.levels import level_db
+from duplex_chat.audio import pulse
 from duplex_chat.audio.vad import SpeechProbability
 from duplex_chat.config import DuplexError, Settings
 from duplex_chat.model.events import AudioPacket, StageTimings, TextDelta
@@ -38,7 +39,6 @@ from .recorder import SessionRecorder
 from .view import TalkState, TalkView
 
 if TYPE_CHECKING:  # only for types: the streams import sounddevice when they open
-    from duplex_chat.audio.pulse import PulseWatch
     from duplex_chat.audio.stream import AudioIO
 
 LOOP_PERIOD_S = 0.01  # control loop period: part of the barge-in reaction time
@@ -94,12 +94,11 @@ def print_devices(console: Console) -> None:
 
 def _print_pulse_devices(console: Console) -> None:
     """The sound server's sources and sinks, which PortAudio 19.6 only knows as `pulse`."""
-    from duplex_chat.audio.pulse import PREFIX, pulse_devices
-
-    found = pulse_devices()
+    found = pulse.pulse_devices()  # looked up at call time: tests stand in for the server
     if not found:
         return
-    table = Table(title=f"PulseAudio / PipeWire (use as --input-device / --output-device {PREFIX}NAME)")
+    table = Table(title="PulseAudio / PipeWire (use as --input-device / --output-device "
+                        f"{pulse.PREFIX}NAME)")
     for column in ("kind", "name", "description", "rate", "default"):
         table.add_column(column)
     for d in found:
@@ -177,7 +176,7 @@ class SpeakerPlayer:
 class TalkSession:
     """One talk session: the device loop around a `Session`, its view and its recording."""
 
-    watch: PulseWatch | None = None  # set by _session_loop: devices swapped under our streams
+    watch: pulse.PulseWatch | None = None  # set by _session_loop: devices swapped under our streams
 
     def __init__(self, settings: Settings, conversation: Conversation, io: AudioIO, view: TalkView,
                  recorder: SessionRecorder | None, vad_model: SpeechProbability | None = None):
@@ -386,9 +385,7 @@ def _session_loop(session: TalkSession, io: AudioIO, view: TalkView,
                  in_rate=io.in_rate, out_rate=io.out_rate,
                  latency_s=list(io.latency_s), echo_cancellation=session.echo is not None,
                  barge_in=settings.audio.barge_in)
-    from duplex_chat.audio.pulse import PulseWatch
-
-    session.watch = PulseWatch().start()  # says nothing where no sound server answers
+    session.watch = pulse.PulseWatch().start()  # says nothing where no sound server answers
     try:
         session.run(stop)
     except KeyboardInterrupt:

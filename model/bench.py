@@ -198,12 +198,13 @@ def speculated_turn(conversation, audio: np.ndarray, chunk: int) -> dict[str, fl
     held = Speculation(conversation)
     _sync(device)
     decided = time.perf_counter()
-    first_audio_ms = float("nan")
+    first_audio_ms: float | None = None  # None: the reply had no audio
     for event in held.events():
-        if isinstance(event, AudioPacket) and first_audio_ms != first_audio_ms:
+        if isinstance(event, AudioPacket) and first_audio_ms is None:
             first_audio_ms = 1000 * (time.perf_counter() - decided)
     return {"speculation_ms": 1000 * held.compute_s, "take_back_ms": take_back_ms,
-            "first_audio_after_decision_ms": first_audio_ms}
+            "first_audio_after_decision_ms": (float("nan") if first_audio_ms is None
+                                              else first_audio_ms)}
 
 
 def _sync(device) -> None:

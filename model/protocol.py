@@ -40,8 +40,8 @@ class Conversation(Protocol):
     """One conversation's state, with an explicit lifecycle.
 
     Threading: `feed`, `end_turn` (iteration), `truncate`, `discard_turn`, `checkpoint`,
-    `rollback`, `configure` and `reset` run on one worker thread; `cancel` may be called from any thread at any time, and
-    `voices` too.
+    `rollback`, `configure` and `reset` run on one worker thread; `cancel` may be called from
+    any thread at any time, and `voices` too.
     """
 
     def feed(self, samples: np.ndarray) -> None:

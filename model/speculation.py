@@ -9,7 +9,8 @@ is done by the time the decision comes. Lifecycle:
     for event in speculation.events(): ...    # or the turn ended there: the reply, from the start
 
 Works with any `Conversation` (model/protocol.py): its `checkpoint` and `rollback` make the
-take-back exact. Used by the session's worker and by `bench --speculate`.
+take-back exact. Used by the session's worker and by `duplex-chat bench`, which ends with
+speculated turns (model/bench.py `speculated_turn`).
 """
 
 from __future__ import annotations

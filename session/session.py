@@ -414,11 +414,11 @@ class Session:
         started at this pause plays as it is: the turn's audio ends where it was started)."""
         if self.pending is not None:  # its report is overdue now: cut with what is known
             self._cut(self.pending.reply, self.pending.estimate(), estimated=True)
-        spec, self.speculation = self.speculation, None
-        if spec is not None and spec.pause != end:
-            self.speculation = spec
+        spec = self.speculation
+        if spec is not None and spec.pause != end:  # started at another pause: not this turn's
             self._take_back()
             spec = None
+        self.speculation = None
         if spec is None and self.now > self.fed_upto:
             self._feed()
         if spec is not None:

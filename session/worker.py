@@ -216,7 +216,6 @@ class Failed:
 Output = EngineOutput | ReplyDone | Speculated | TakenBack | Truncated | Failed
 
 
-
 class InlineWorker:
     """Runs each command at once on the caller's thread; outputs wait in `outputs`."""
 
